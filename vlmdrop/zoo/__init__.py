@@ -1,0 +1,1 @@
+"""Embedded models and synthetic tasks that need no download."""
