@@ -13,7 +13,8 @@ def _adaptive(tokens, h, w, oh, ow):
 @pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (5, 7), (24, 24), (1, 9), (9, 1)])
 def test_exact_count_for_every_target(h, w):
     tokens = torch.randn(h * w, 3)
-    for target in range(1, h * w + 1):
+    targets = range(1, h * w + 1) if h * w <= 64 else [1, 2, 3, 5, 23, 25, 63, 64, 65, 143, 144, 145, 287, 289, 575, 576]
+    for target in targets:
         pooled, groups = pool_grid(tokens, h=h, w=w, target=target)
         assert pooled.shape == (target, 3)
         assert len(groups) == target

@@ -62,8 +62,10 @@ def pool_grid(tokens: Tensor, *, h: int, w: int, target: int) -> tuple[Tensor, l
     if target == h * w:
         return tokens.clone(), groups
     acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-    weights = torch.zeros(target, h * w, dtype=acc, device=tokens.device)  # (target, h*w)
-    for k, g in enumerate(groups):
-        weights[k, g.to(tokens.device)] = 1.0 / g.numel()
+    sizes = torch.tensor([g.numel() for g in groups])  # (target,)
+    out_idx = torch.repeat_interleave(torch.arange(target), sizes)  # (sum sizes,)
+    weights = torch.zeros(target, h * w, dtype=acc)  # (target, h*w)
+    weights[out_idx, torch.cat(groups)] = 1.0 / sizes[out_idx].to(acc)
+    weights = weights.to(tokens.device)
     pooled = weights @ tokens.to(acc)  # (target, C)
     return pooled.to(tokens.dtype), groups
