@@ -28,6 +28,12 @@ This module works on patch tokens only (CLS row/column already removed). To repr
 official LLaVA output for `visionzip(model, dominant=d, contextual=c)`, call
 `visionzip_select(..., dominant=d - 1, contextual=c)` and put the CLS token's hidden state in
 front of the dominant tokens; the official order is [CLS, dominant (ascending), contextual].
+
+LLaVA-NeXT in the official code (visionzip/llava_arch.py L42-80, L105-121): every crop (base and
+sub-images) gets the same (dominant, contextual) split. The base image contributes
+[CLS, dominant, contextual] as above; the sub-images' dominant patches are laid out on the
+stitched crop grid and read in its raster order (no unpadding, no newline tokens), followed by
+every sub-image's CLS token and then every sub-image's contextual tokens.
 """
 
 from __future__ import annotations
