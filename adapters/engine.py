@@ -125,7 +125,9 @@ class VisionDropEngine:
             n_keep = resolve_budget(self.method.config.budget, image.n_before)
             sel = self.method.select(image, n_keep, generator=generator)
             kept = sel.kept_indices
-            if kept.numel() != n_keep:
+            if not self.method.exact_budget:
+                n_keep = int(kept.numel())
+            elif kept.numel() != n_keep:
                 raise AssertionError(f"{self.method.config.name} kept {kept.numel()} rows, budget says {n_keep}")
             keep_ph[offset + kept.to(keep_ph.device)] = True
             new_feats.append(feat[kept.to(feat.device)])

@@ -12,7 +12,7 @@ from vlmdrop.zoo.tiny import tiny_llava, tiny_llava_next
 
 torch.set_num_threads(2)
 
-# (H, W) image sizes that give LLaVA-NeXT grids 1x2, 2x1, 2x2, 1x3, 3x1 and a single crop (tiny model: crop 56)
+# (H, W) image sizes giving LLaVA-NeXT grids 1x3, 2x1, 2x2, 1x3, 3x1, 1x2 (tiny model: crops of 56 px, 4x4 patches)
 IMAGE_SIZES = [(60, 130), (90, 50), (120, 110), (40, 170), (160, 45), (56, 56)]
 
 

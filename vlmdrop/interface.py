@@ -99,6 +99,12 @@ class VisionMethod:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
+    @property
+    def exact_budget(self) -> bool:
+        """True when `select` keeps exactly the `n_keep` rows it is asked for (every built-in method
+        except compatibility modes that reproduce another code base's counts)."""
+        return True
+
     def vit_layers(self, num_layers: int, feature_layer: int) -> dict[str, int]:
         """Which ViT layers' CLS rows to capture, by role, as non-negative layer indices."""
         return {}
