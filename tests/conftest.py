@@ -21,6 +21,8 @@ def make_image(h: int, w: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
+MIXED_SIZES = [(60, 130), (90, 50), (56, 56)]
+
 PROMPTS = ["USER: <image>\nwhat is the shape ? ASSISTANT:", "USER: <image>\nwhat color is this ? ASSISTANT:",
            "USER: <image>\nis there a red circle in the picture ? ASSISTANT:"]
 
