@@ -5,7 +5,8 @@ coloured shape) and builds a high-resolution composite: a canvas of one of
 :data:`CANVAS_SIZES` (several aspect ratios, so LLaVA-NeXT's AnyRes picks different
 grids) with a grey noise texture and grey clutter, on which the easy-VQA shape, cut out
 of its own 64x64 image, is pasted at a random position, rescaled so that its bounding
-box covers between :data:`MIN_AREA_FRACTION` and :data:`MAX_AREA_FRACTION` of the canvas.
+box covers a target fraction drawn from [:data:`MIN_AREA_FRACTION`,
+:data:`MAX_AREA_FRACTION`] of the canvas and never more than the maximum.
 
 Rules (see also NOTES-easyvqa.md):
 
@@ -64,8 +65,9 @@ CANVAS_SIZES: tuple[tuple[int, int], ...] = (
     (700, 500),
 )
 
-#: The shape's bounding box covers a fraction of the canvas area drawn uniformly from
-#: [MIN_AREA_FRACTION, MAX_AREA_FRACTION] (floored to whole pixels, so never above max).
+#: The scaled cut-out targets a fraction of the canvas area drawn uniformly from
+#: [MIN_AREA_FRACTION, MAX_AREA_FRACTION]; its tight bbox never exceeds the maximum
+#: (it can fall below the minimum once the soft edge is trimmed).
 MIN_AREA_FRACTION: float = 0.005
 MAX_AREA_FRACTION: float = 0.02
 
@@ -317,6 +319,13 @@ def _bilinear(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return rows[y0] * (1.0 - fy) + rows[y1] * fy
 
 
+def _blur3(arr: np.ndarray) -> np.ndarray:
+    """Separable [1/4, 1/2, 1/4] blur of a 2-D float array (edges clamped)."""
+    p = np.pad(arr, 1, mode="edge")
+    rows = 0.25 * p[:, :-2] + 0.5 * p[:, 1:-1] + 0.25 * p[:, 2:]
+    return 0.25 * rows[:-2] + 0.5 * rows[1:-1] + 0.25 * rows[2:]
+
+
 def _value_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     """Smooth float32 noise in [-1, 1]: a random grid of ``cell``-pixel spacing, bilinearly interpolated."""
     grid = rng.uniform(-1.0, 1.0, size=(h // cell + 2, w // cell + 2)).astype(np.float32)
@@ -398,6 +407,38 @@ def _cut_out(path: str) -> tuple[np.ndarray, str]:
     return alpha[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], color
 
 
+def _matte_at(alpha: np.ndarray, s: float) -> np.ndarray:
+    """Matte scaled by ``s``, quantised to 0..255 and cropped to its non-zero pixels."""
+    if s > 1.5:
+        # Smooth the 1-px anti-aliased source edge first, so the upscaled contour is
+        # round instead of stepped (padding keeps the blur inside the matte), then
+        # sharpen the edge back to about one output pixel.
+        src = _blur3(np.pad(alpha, 1))
+        sharpen = 1.5 * s
+    else:
+        src = alpha
+        sharpen = 1.0
+    out_h = max(1, int(src.shape[0] * s))
+    out_w = max(1, int(src.shape[1] * s))
+    scaled = np.clip((_bilinear(src, out_h, out_w) - 0.5) * sharpen + 0.5, 0.0, 1.0)
+    a8 = np.floor(scaled * 255.0 + 0.5).astype(np.int64)
+    ys, xs = np.nonzero(a8)
+    return a8[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def _scale_matte(alpha: np.ndarray, target_area: float, max_area: float) -> np.ndarray:
+    """Scale the cut-out so its tight box covers about ``target_area`` and never more than ``max_area``."""
+    s = math.sqrt(target_area / (alpha.shape[0] * alpha.shape[1]))
+    a8 = _matte_at(alpha, s)
+    for _ in range(20):
+        area = a8.shape[0] * a8.shape[1]
+        if area <= max_area:
+            return a8
+        s *= 0.99 * math.sqrt(max_area / area)
+        a8 = _matte_at(alpha, s)
+    raise RuntimeError(f"cannot fit a {alpha.shape} cut-out into {max_area:.0f} pixels")
+
+
 def _render(src: _Split, q: _Question, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int, int], str]:
     w, h = CANVAS_SIZES[int(rng.integers(len(CANVAS_SIZES)))]
     canvas = _background(rng, w, h)
@@ -408,16 +449,8 @@ def _render(src: _Split, q: _Question, rng: np.random.Generator) -> tuple[Image.
         raise RuntimeError(
             f"easy-VQA image {q.image_id} of split {src.name!r}: pixels say {color!r}, questions say {qcolor!r}"
         )
-    ah, aw = alpha.shape
     fraction = float(rng.uniform(MIN_AREA_FRACTION, MAX_AREA_FRACTION))
-    s = math.sqrt(fraction * w * h / (aw * ah))
-    nw, nh = max(1, int(aw * s)), max(1, int(ah * s))
-    scaled = _bilinear(alpha, nh, nw)
-    sharpen = max(1.0, s)  # undo the blur that upscaling adds to the anti-aliased edge
-    scaled = np.clip((scaled - 0.5) * sharpen + 0.5, 0.0, 1.0)
-    a8 = np.floor(scaled * 255.0 + 0.5).astype(np.int64)
-    ys, xs = np.nonzero(a8)
-    a8 = a8[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    a8 = _scale_matte(alpha, fraction * w * h, MAX_AREA_FRACTION * w * h)
     nh, nw = a8.shape
 
     x0 = int(rng.integers(_MARGIN, w - nw - _MARGIN + 1))
