@@ -153,13 +153,14 @@ def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_internvl(*, seed: int = 0, tile_size: int = 64, patch_size: int = 8, vision_layers: int = 3,
-                  text_layers: int = 2, max_patches: int = 6, crop_to_patches: bool = True,
+                  text_layers: int = 2, max_patches: int = 6,
                   use_qk_norm: bool = False, attn_implementation: str = "sdpa"):
     """A random-weight `InternVLForConditionalGeneration` (InternVL 2.5/3 layout: dynamic tiling with a
     thumbnail last, CLS ViT, 0.5 pixel shuffle, MLP projector, Qwen2 LLM) and its `InternVLProcessor`.
 
     Tiles are `tile_size` px with `patch_size` px patches: (tile_size/patch_size)**2 / 4 tokens per tile
-    (16 by default); an image becomes 1 tile, or up to `max_patches` tiles plus the thumbnail.
+    (16 by default); an image becomes 1 tile, or up to `max_patches` tiles plus the thumbnail (pass
+    `crop_to_patches=False` to the processor call for one tile per image).
     """
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -192,7 +193,7 @@ def tiny_internvl(*, seed: int = 0, tile_size: int = 64, patch_size: int = 8, vi
             emb.position_embeddings.normal_(std=1.0)
     model.set_attn_implementation(attn_implementation)
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": tile_size, "width": tile_size}, crop_to_patches=crop_to_patches, min_patches=1,
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
         max_patches=max_patches,
     )
     processor = internvl_processor(image_processor, tokenizer, image_seq_length=seq,
