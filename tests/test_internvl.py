@@ -66,7 +66,7 @@ def test_full_budget_is_identity(method):
     assert [s.n_kept for s in h.stats.images] == [s.n_before for s in h.stats.images]
 
 
-@pytest.mark.parametrize("budget", [0.05, 0.3, 0.77, 7, 10_000])
+@pytest.mark.parametrize("budget", [0.05, 0.77, 7, 10_000])
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_kept_counts_per_tile(method, budget):
     model, proc = get_model("internvl")
