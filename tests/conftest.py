@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdrop.zoo.tiny import tiny_llava, tiny_llava_next
+from vlmdrop.zoo.tiny import tiny_internvl, tiny_llava, tiny_llava_next
 
 torch.set_num_threads(2)
 
@@ -32,7 +32,7 @@ _CACHE: dict = {}
 def get_model(kind: str, attn: str = "sdpa"):
     key = (kind, attn)
     if key not in _CACHE:
-        build = {"llava": tiny_llava, "llava_next": tiny_llava_next}[kind]
+        build = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl}[kind]
         _CACHE[key] = build(attn_implementation=attn)
     return _CACHE[key]
 

@@ -76,10 +76,16 @@ class Hired(VisionMethod):
 
         def budgets_for(total: int, caps: list[int]) -> list[int]:
             sub_scores = None
+            order = [image.base_crop] + image.sub_crops()  # base first, as F.crop_budgets expects
             if image.n_crops > 1:
-                base_first = image.cls_attn["first"][0].sum(dim=0)  # (h*w,)
+                base_first = image.cls_attn["first"][image.base_crop].sum(dim=0)  # (h*w,)
                 sub_scores = F.region_scores(base_first, image.base_region, image.n_crops - 1)  # (n_sub,)
-            return F.crop_budgets(total, caps, alpha=float(self.config.alpha), sub_scores=sub_scores)
+            shares = F.crop_budgets(total, [caps[c] for c in order], alpha=float(self.config.alpha),
+                                    sub_scores=sub_scores)
+            out = [0] * len(caps)
+            for c, k in zip(order, shares):
+                out[c] = k
+            return out  # crop order
 
         def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
             scores = feature[crop][image.local_index[positions]]  # (n,)
@@ -90,6 +96,9 @@ class Hired(VisionMethod):
     def _official(self, image: ImageTokens, feature: torch.Tensor) -> Selection:
         """The published code's rule (see `vlmdrop.ops.hired_official`): budget over padded crops,
         count-based row-band shares, floors, no newline rows, tokens chosen in padding discarded."""
+        if image.n_crops > 1 and image.base_crop != 0:
+            raise ValueError(f"mode='official-code' reproduces the LLaVA code base (base image first); this image's "
+                             f"base crop is {image.base_crop} of {image.n_crops} (InternVL): use mode='paper'")
         h, w = image.crop_hw
         n, rate, alpha = h * w, float(self.config.budget), float(self.config.alpha)
         if image.n_crops == 1:  # LLaVA-1.5's code path: top int(N * rate), no alpha
