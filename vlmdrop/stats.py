@@ -18,7 +18,9 @@ class ImageStats:
         kept_indices: (n_kept,) ascending indices into the `n_before` positions.
         crop_budgets: tokens allotted per crop, base image first.
         crop_kept: tokens kept per crop, base image first.
-        method: the method that made the selection.
+        method: the method that made the selection ("hired+fastv" when a vision and an LLM stage are stacked).
+        layer_tokens: LLM-stage methods only: the image's tokens present in each decoder layer (one int per
+            layer); empty for vision-stage methods.
     """
 
     sample: int
@@ -28,6 +30,7 @@ class ImageStats:
     crop_budgets: list[int]
     crop_kept: list[int]
     method: str = ""
+    layer_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
