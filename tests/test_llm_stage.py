@@ -355,3 +355,22 @@ def test_prompt_ending_with_image_is_an_error():
     with torch.no_grad(), vlmdrop.dropping(model, "fastv", keep=0.5):
         with pytest.raises(ValueError, match="last prompt token .* is an image token"):
             model(**inputs)
+
+
+def test_bf16_sampling_no_cache_and_labels():
+    model, proc = tiny_llava_next(text_layers=N_LAYERS)  # its own copy: bf16 rounding must not leak
+    inputs = batch(proc, MIXED)
+    with torch.no_grad(), vlmdrop.dropping(model, "fastv", layer=2, keep=0.5) as h:
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+        out = model(**inputs, labels=labels, use_cache=False)
+        assert out.logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(out.loss)
+        outs = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            outs.append(model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=10))
+        assert torch.equal(outs[0], outs[1])
+        model.to(torch.bfloat16)
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert [s.n_kept for s in h.stats.images] == [round(s.n_before / 2) for s in h.stats.images]
