@@ -319,12 +319,12 @@ class LLMStageEngine:
         stage_idx = self.drop_layers.index(k)
         prev = fwd.stages[-1] if fwd.stages else None
         b, length = fwd.mask2d.shape
-        device = hidden.device
-        alive = prev.where >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+        device = hidden.device  # layers may sit on different devices (device_map): work on this layer's
+        alive = prev.where.to(device) >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
         alive = alive.clone()  # (B, L) prefill positions still in the sequence
         if scores is None:
             raise AssertionError(f"no scores were captured in layer {k - 1} for the drop at layer {k}")
-        where_prev = prev.where if prev is not None else torch.arange(length, device=device).expand(b, length)
+        where_prev = prev.where.to(device) if prev is not None else torch.arange(length, device=device).expand(b, length)
         changed = False
         for im in fwd.images:
             im.layer_tokens.extend([int(im.present.numel())] * (k - len(im.layer_tokens)))
@@ -356,7 +356,7 @@ class LLMStageEngine:
         where[rows[valid], src[valid]] = torch.arange(src.shape[1], device=device).expand_as(src)[valid]
         from_prev = where_prev.gather(1, src).clamp(min=0)  # (B, L_s) rows of `hidden` to take
         new_hidden = hidden.gather(1, from_prev[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L_s, D)
-        prefix_mask = valid & fwd.mask2d.gather(1, src)  # (B, L_s)
+        prefix_mask = valid & fwd.mask2d.to(device).gather(1, src)  # (B, L_s)
         stage = _Stage(layer=k, src=src, valid=valid, prefix_mask=prefix_mask, removed=plan.removed.to(device),
                        where=where)
         pos_ids = kwargs.get("position_ids")
@@ -372,9 +372,9 @@ class LLMStageEngine:
     @staticmethod
     def _scatter_back(full: torch.Tensor, stage: _Stage, hidden: torch.Tensor) -> torch.Tensor:
         """`full` (B, L, D) with the slots of `stage` (`hidden`, (B, L_s, D)) written at their prefill positions."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(stage.src)  # (B, L_s)
-        v = stage.valid
-        return full.to(hidden.dtype).index_put((rows[v], stage.src[v]), hidden[v])
+        src, v = stage.src.to(hidden.device), stage.valid.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(src)  # (B, L_s)
+        return full.to(device=hidden.device, dtype=hidden.dtype).index_put((rows[v], src[v]), hidden[v])
 
     def _stage_kwargs(self, fwd: _Forward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
         """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; positions None
