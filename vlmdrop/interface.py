@@ -113,7 +113,6 @@ class VisionMethod:
         raise NotImplementedError
 
 
-
 class LLMMethod:
     """A method that drops image tokens inside the language model's prefill (FastV, PyramidDrop).
 
@@ -127,7 +126,7 @@ class LLMMethod:
 
     @property
     def positions(self) -> str:
-        """"original" (kept tokens keep their RoPE positions) or "compact" (renumbered contiguously)."""
+        """`"original"` (kept tokens keep their RoPE positions) or `"compact"` (renumbered contiguously)."""
         return getattr(self.config, "positions", "original")
 
     def drop_layers(self, num_layers: int) -> list[int]:
