@@ -16,6 +16,9 @@ Where things are taken:
 * `generate` encodes the images before the first forward, so the base model's class is swapped on this
   instance only (restored by `remove()`) for a subclass whose `get_image_features` reports its pixels
   and output, as in `adapters/llava.py`.
+* LLM stage (FastV, PyramidDrop): `adapters/llm_stage.py` on the Qwen2/Llama decoder; the tiles are
+  grouped into images by the same placeholder runs (`image_rows`), so scores, budgets and stats are
+  per image, not per tile.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
 from vlmdrop.ops.anyres import base_region_map
 
 from .base import Adapter, register_adapter
 from .engine import VisionDropEngine
 from .llava import _ClassSwap, _feature_layer_index, _Install
+from .llm_stage import LLMStageSpans
 from .vision_capture import ClsRowCapture
 
 logger = logging.getLogger("vlmdrop")
@@ -89,6 +93,7 @@ class InternVLAdapter(Adapter):
     """InternVL 2/2.5/3 on the Hugging Face `InternVLForConditionalGeneration` class."""
 
     supported = ("InternVLForConditionalGeneration",)
+    supports_llm_stage = True
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -138,16 +143,25 @@ class InternVLAdapter(Adapter):
         return sources, local, (int(hh), int(ww))
 
     # ----------------------------------------------------------- installation
-    def install(self, method: VisionMethod, handle: Any) -> _Install:
+    def install(self, method: VisionMethod | LLMMethod, handle: Any, *, llm: LLMMethod | None = None) -> _Install:
+        """Install `method` (vision or LLM stage); `llm` stacks an LLM-stage method after a vision one."""
+        vision = None if isinstance(method, LLMMethod) else method
+        llm = method if isinstance(method, LLMMethod) else llm
         inst = _Install()
         try:
-            roles = method.vit_layers(len(self.layers), self.feature_layer)
-            self.capture = ClsRowCapture({r: self.layers[i].attention for r, i in roles.items()},
-                                         num_heads=self.num_heads, scale=self.scale, q_name="q_norm", k_name="k_norm",
-                                         logit_roles=tuple(getattr(method.config, "logit_roles", ())))
-            inst.parts.append(self.capture)
-            inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
-            inst.parts.append(VisionDropEngine(self, method, handle))
+            if vision is not None:
+                roles = vision.vit_layers(len(self.layers), self.feature_layer)
+                self.capture = ClsRowCapture({r: self.layers[i].attention for r, i in roles.items()},
+                                             num_heads=self.num_heads, scale=self.scale, q_name="q_norm",
+                                             k_name="k_norm", logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
+                inst.parts.append(self.capture)
+                inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
+                inst.parts.append(VisionDropEngine(self, vision, handle))
+            if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
+                lm = self.base.language_model
+                inst.parts.append(LLMStageSpans(self, llm, handle, language_model=lm, layers=list(lm.layers),
+                                                rotary_emb=lm.rotary_emb, config=lm.config,
+                                                vision_stage=vision is not None))
         except BaseException:
             inst.remove()
             raise
@@ -203,20 +217,37 @@ class InternVLAdapter(Adapter):
             start += n
         return out_feats, images
 
-    def _tiles_per_image(self, input_ids: torch.Tensor) -> list[int]:
-        """Tiles of each image in batch/prompt order, from the runs of image placeholders."""
-        counts = []
-        for row in (input_ids == self.image_token_id):
+    def _placeholder_runs(self, input_ids: torch.Tensor) -> list[int]:
+        """Length of each image's run of placeholders (`<img>…</img>`), in batch/prompt order."""
+        runs = []
+        for row in (input_ids == self.image_token_id):  # (L,)
             pos = row.nonzero(as_tuple=True)[0]  # (n,)
             if pos.numel() == 0:
                 continue
             breaks = (pos[1:] - pos[:-1] != 1).nonzero(as_tuple=True)[0] + 1
-            for run in torch.tensor_split(pos, breaks.cpu()):
-                if run.numel() % self.tokens_per_tile:
-                    raise ValueError(f"a run of {run.numel()} image placeholders is not a multiple of the "
-                                     f"{self.tokens_per_tile} tokens per tile")
-                counts.append(run.numel() // self.tokens_per_tile)
+            runs.extend(int(run.numel()) for run in torch.tensor_split(pos, breaks.cpu()))
+        return runs
+
+    def _tiles_per_image(self, input_ids: torch.Tensor) -> list[int]:
+        """Tiles of each image in batch/prompt order, from the runs of image placeholders."""
+        counts = []
+        for n in self._placeholder_runs(input_ids):
+            if n % self.tokens_per_tile:
+                raise ValueError(f"a run of {n} image placeholders is not a multiple of the "
+                                 f"{self.tokens_per_tile} tokens per tile")
+            counts.append(n // self.tokens_per_tile)
         return counts
+
+    def image_rows(self, enc: Any, input_ids: torch.Tensor) -> list[int]:
+        """Visual rows of each image in batch/prompt order, for the LLM stage: its run of placeholders
+        (tiles × tokens per tile, or what a vision stage kept once `input_ids` are compacted)."""
+        runs = self._placeholder_runs(input_ids)
+        # pooler_output: (T, N', D) one entry per tile, or (1, n_kept_total, D) re-packed by a vision stage
+        n_rows = sum(int(f.shape[0]) for f in enc.pooler_output)
+        if sum(runs) != n_rows:
+            raise ValueError(f"the placeholders describe {sum(runs)} visual rows ({runs} per image) but the "
+                             f"image features hold {n_rows} rows")
+        return runs
 
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
         new = type(enc)(**{k: v for k, v in enc.items()})

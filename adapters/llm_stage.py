@@ -142,6 +142,11 @@ class LLMStageEngine:
 
     # ------------------------------------------------------------ installation
     def _install(self) -> None:
+        types = list(getattr(self.config, "layer_types", None) or [])
+        other = {i: t for i, t in enumerate(types) if i >= self.drop_layers[0] and t != "full_attention"}
+        if other:
+            raise ValueError(f"decoder layers {sorted(other)} use {sorted(set(other.values()))}; vlmdrop LLM-stage "
+                             "methods rebuild the mask of layers >= the first drop layer as full (causal) attention")
         h = self._handles
         h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         h.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
@@ -426,7 +431,9 @@ class LLMStageSpans:
     call carries `pixel_values`: the images are encoded here once with the model's own
     `get_image_features` (`adapter.encode`) and passed on as `mm_encoder_outputs`, as `generate` does.
 
-    The adapter supplies `encode(kwargs)` and `image_token_id`.
+    The adapter supplies `encode(kwargs)` and `image_token_id`.  An adapter whose pooler_output is not
+    one entry per image (InternVL: one per tile, or one re-packed entry after a vision stage) also
+    supplies `image_rows(encoder_output, input_ids) -> rows per image`, in batch/prompt order.
     """
 
     def __init__(self, adapter: Any, method: LLMMethod, handle: Any, *, language_model: nn.Module,
@@ -462,13 +469,14 @@ class LLMStageSpans:
             kw["pixel_values"] = None
             kw["mm_encoder_outputs"] = {**mm, "image": enc}
             changed = True
-        feats = list(kw["mm_encoder_outputs"]["image"].pooler_output)
+        enc = kw["mm_encoder_outputs"]["image"]
         input_ids = kw.get("input_ids")
         if input_ids is None:
             raise ValueError("vlmdrop needs input_ids (with image placeholders) when images are passed; "
                              "inputs_embeds with images is not supported")
         rows, cols = (input_ids == self.adapter.image_token_id).nonzero(as_tuple=True)
-        counts = [int(f.shape[0]) for f in feats]
+        image_rows = getattr(self.adapter, "image_rows", None)  # adapters whose pooler_output is not per image
+        counts = image_rows(enc, input_ids) if image_rows is not None else [int(f.shape[0]) for f in enc.pooler_output]
         if rows.numel() != sum(counts):
             raise ValueError(f"the input has {rows.numel()} image placeholders but the images give {sum(counts)} rows")
         spans, offset = [], 0
