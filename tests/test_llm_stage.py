@@ -55,7 +55,7 @@ class MaskReference:
         self.handles = []
 
     def __enter__(self):
-        for i in range(self.drop_layers[0], N_LAYERS):
+        for i in range(self.drop_layers[0], len(self.lm.layers)):
             self.handles.append(self.lm.layers[i].register_forward_pre_hook(self._pre(i), with_kwargs=True))
         return self
 
