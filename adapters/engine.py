@@ -1,0 +1,188 @@
+"""Vision-stage dropping inside `forward` / `generate` with one pre-hook and one post-hook.
+
+At prefill (a forward that carries images) the pre-hook takes the visual rows the model is about to
+scatter into the placeholders, asks the method which rows to keep, and compacts everything that has
+the sequence length — `input_ids` (placeholders), `attention_mask`, `position_ids`, `labels` —
+re-padding the batch on the left.  At each later decode step on the same cache it rewrites the
+caller's full-length mask and positions to match the shorter cache.  No class of transformers is
+touched; the per-forward state lives in `_PrefillState`, keyed by the cache object.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.ops.budget import resolve_budget
+from vlmdrop.ops.compact import compact_positions, extend_mask, gather_rows, plan_compaction
+from vlmdrop.stats import DropStats, ImageStats
+
+logger = logging.getLogger("vlmdrop")
+
+
+@dataclass
+class _PrefillState:
+    orig_len: int  # L: the caller's prefill length
+    new_len: int  # L': the compacted prefill length
+    prefix_mask: torch.Tensor  # (B, L') mask of the compacted prefill
+    removed: torch.Tensor  # (B,) positions removed per row
+    mask_needed: bool  # the compaction introduced padding, so a mask must always be passed
+
+
+class VisionDropEngine:
+    """Runs one vision-stage method on a model through its adapter.
+
+    The adapter supplies: `encode(kwargs) -> encoder output` (runs the model's own
+    `get_image_features`), `describe(encoder_output) -> list[ImageTokens]` (one per pooler_output
+    entry, layout + CLS rows), `image_token_id`, `pad_token_id`.
+    """
+
+    def __init__(self, adapter: Any, method: VisionMethod, handle: Any) -> None:
+        self.adapter = adapter
+        self.method = method
+        self.handle = handle
+        self.model: nn.Module = adapter.model
+        self._signature = inspect.signature(self.model.forward)
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._pending: _PrefillState | None = None
+        self._handles = [
+            self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self.model.register_forward_hook(self._post_hook, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._states = weakref.WeakKeyDictionary()
+        self._pending = None
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        bound = self._signature.bind_partial(*args, **kwargs)
+        kw = dict(bound.arguments)
+        extra = kw.pop("kwargs", None)
+        if isinstance(extra, dict):
+            kw.update(extra)
+        self._pending = None
+        mm = kw.get("mm_encoder_outputs") or {}
+        if kw.get("pixel_values") is not None or mm.get("image") is not None:
+            return (), self._prefill(kw)
+        cache = kw.get("cache")
+        if cache is not None:
+            try:
+                state = self._states.get(cache)
+            except TypeError:
+                state = None
+            if state is not None:
+                return (), self._decode(kw, state, cache)
+        return args, kwargs
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._pending is None:
+            return
+        cache = getattr(output, "cache", None)
+        if cache is None and isinstance(output, dict):
+            cache = output.get("past_key_values")
+        if cache is not None:
+            self._states[cache] = self._pending
+        self._pending = None
+
+    # ---------------------------------------------------------------- prefill
+    def _prefill(self, kw: dict) -> dict:
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vlmdrop needs input_ids (with image placeholders) when images are passed; "
+                             "inputs_embeds with images is not supported")
+        cache = kw.get("cache")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError("vlmdrop: images in a forward that continues a non-empty cache are not supported")
+        if kw.get("pixel_values") is not None:
+            enc = self.adapter.encode(kw)
+            kw["pixel_values"] = None
+            kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": enc}
+        enc = kw["mm_encoder_outputs"]["image"]
+        feats = list(enc.pooler_output)
+        images = self.adapter.describe(enc)
+        ph = input_ids == self.adapter.image_token_id  # (B, L)
+        rows, cols = ph.nonzero(as_tuple=True)
+        n_total = sum(im.n_before for im in images)
+        if rows.numel() != n_total:
+            raise ValueError(f"the input has {rows.numel()} image placeholders but the images give {n_total} visual rows")
+
+        generator = self.method_generator()
+        keep_ph = torch.zeros(n_total, dtype=torch.bool, device=input_ids.device)
+        stats, new_feats, offset = [], [], 0
+        for feat, image in zip(feats, images):
+            image.sample = int(rows[offset])
+            n_keep = resolve_budget(self.method.config.budget, image.n_before)
+            sel = self.method.select(image, n_keep, generator=generator)
+            kept = sel.kept_indices
+            if kept.numel() != n_keep:
+                raise AssertionError(f"{self.method.config.name} kept {kept.numel()} rows, budget says {n_keep}")
+            keep_ph[offset + kept.to(keep_ph.device)] = True
+            new_feats.append(feat[kept.to(feat.device)])
+            stats.append(ImageStats(sample=image.sample, n_before=image.n_before, n_kept=n_keep,
+                                    kept_indices=kept.cpu(), crop_budgets=list(sel.crop_budgets),
+                                    crop_kept=list(sel.crop_kept), method=self.method.config.name))
+            offset += image.n_before
+        self.handle._set_stats(DropStats(images=stats))
+        kw["mm_encoder_outputs"] = {**kw["mm_encoder_outputs"], "image": self.adapter.with_features(enc, new_feats)}
+        if bool(keep_ph.all()):
+            return kw  # nothing removed: the sequence is untouched
+
+        keep = torch.ones_like(ph)
+        keep[rows[~keep_ph], cols[~keep_ph]] = False
+        plan = plan_compaction(keep)
+        l_orig = input_ids.shape[1]
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"vlmdrop needs a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = torch.arange(l_orig, device=input_ids.device)[None]  # what the model would use
+        elif pos.dim() != 2:
+            raise ValueError(f"vlmdrop needs 2-D position_ids, got shape {tuple(pos.shape)}")
+        kw["input_ids"] = gather_rows(input_ids, plan, fill=self.adapter.pad_token_id)
+        base_mask = mask if mask is not None else torch.ones_like(input_ids)
+        new_mask = gather_rows(base_mask, plan, fill=0)
+        mask_needed = not bool(plan.valid.all())
+        kw["attention_mask"] = new_mask if (mask is not None or mask_needed) else None
+        kw["position_ids"] = compact_positions(pos, plan)
+        if kw.get("labels") is not None:
+            kw["labels"] = gather_rows(kw["labels"], plan, fill=-100)
+        self._pending = _PrefillState(orig_len=l_orig, new_len=plan.length, prefix_mask=new_mask,
+                                      removed=plan.removed, mask_needed=mask_needed)
+        return kw
+
+    def method_generator(self) -> torch.Generator | None:
+        seed = getattr(self.method.config, "seed", None)
+        if seed is None:
+            return None
+        g = torch.Generator()
+        g.manual_seed(int(seed))
+        return g
+
+    # ----------------------------------------------------------------- decode
+    def _decode(self, kw: dict, state: _PrefillState, cache: Any) -> dict:
+        x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        q_len = x.shape[1]
+        past_new = int(cache.get_seq_length())
+        tail = past_new - state.new_len + q_len
+        mask = kw.get("attention_mask")
+        if mask is not None or state.mask_needed:
+            kw["attention_mask"] = extend_mask(state.prefix_mask, mask, orig_prefix=state.orig_len, tail=tail)
+        pos = kw.get("position_ids")
+        removed = state.removed.to(x.device)[:, None]  # (B, 1)
+        if pos is None:
+            past_orig = state.orig_len + past_new - state.new_len
+            pos = torch.arange(past_orig, past_orig + q_len, device=x.device)[None]
+        kw["position_ids"] = pos - removed
+        return kw

@@ -1,0 +1,226 @@
+"""Adapter for Hugging Face LLaVA-1.5 (`LlavaForConditionalGeneration`) and LLaVA-NeXT
+(`LlavaNextForConditionalGeneration`): CLIP-style tower, projector, AnyRes grid, unpadding, newlines.
+
+Where things are taken:
+* CLS rows: forward hooks on `q_proj`/`k_proj` of the chosen CLIP encoder layers (`ClsRowCapture`).
+* Layout: the model's own `pack_image_features` run on index tensors, so the position → (crop,
+  patch) map is exactly the unpadding the installed transformers performs.
+* `image_sizes`: `generate` encodes images before the first forward and then drops `image_sizes`,
+  so the base model's class is swapped, on this instance only, for a subclass whose
+  `get_image_features` describes each image as it is encoded (the original class is restored by
+  `remove()`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
+
+from .base import Adapter, register_adapter
+from .engine import VisionDropEngine
+from .vision_capture import ClsRowCapture
+
+
+def _feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
+    """ViT layer (0-based) whose output is `hidden_states[vision_feature_layer]`."""
+    if not isinstance(vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer={vision_feature_layer!r}: vlmdrop supports a single int feature layer")
+    if vision_feature_layer < 0:
+        return num_layers + vision_feature_layer
+    if vision_feature_layer == 0:
+        raise ValueError("vision_feature_layer=0 selects the patch embeddings; no ViT layer to score")
+    return vision_feature_layer - 1
+
+
+@functools.cache
+def _recording_class(cls: type) -> type:
+    """A subclass of `cls` whose `get_image_features` reports its inputs and output to an engine."""
+
+    sig = inspect.signature(cls.get_image_features)
+
+    def get_image_features(self, *args, **kwargs):
+        out = super(sub, self).get_image_features(*args, **kwargs)
+        sink = self.__dict__.get("_vlmdrop_sink")
+        if sink is not None:
+            bound = sig.bind_partial(self, *args, **kwargs)
+            sink(out, bound.arguments.get("image_sizes"))
+        return out
+
+    sub = type(cls.__name__, (cls,), {"get_image_features": get_image_features, "__module__": cls.__module__,
+                                      "__qualname__": cls.__qualname__, "_vlmdrop_original": cls})
+    return sub
+
+
+class _Install:
+    """Everything one `apply` put on the model, removable in one call."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+
+    def remove(self) -> None:
+        while self.parts:
+            self.parts.pop().remove()
+
+
+class _ClassSwap:
+    def __init__(self, module: nn.Module, new_cls: type, sink: Any) -> None:
+        self.module, self.original = module, type(module)
+        module.__class__ = new_cls
+        module.__dict__["_vlmdrop_sink"] = sink
+
+    def remove(self) -> None:
+        self.module.__class__ = self.original
+        self.module.__dict__.pop("_vlmdrop_sink", None)
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 and LLaVA-NeXT on the Hugging Face classes."""
+
+    supported = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+        return isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration))
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        from transformers import LlavaNextForConditionalGeneration
+
+        self.base = model.model
+        self.config = model.config
+        self.is_next = isinstance(model, LlavaNextForConditionalGeneration)
+        tower = self.base.vision_tower
+        vm = getattr(tower, "vision_model", tower)
+        try:
+            self.layers = list(vm.encoder.layers)
+        except AttributeError as e:
+            raise ValueError(f"vision tower {type(tower).__name__} has no encoder.layers; vlmdrop expects a CLIP-style ViT") from e
+        attn = self.layers[0].self_attn
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        vcfg = self.config.vision_config
+        self.crop_hw = (vcfg.image_size // vcfg.patch_size,) * 2
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
+                             "vlmdrop supports 'default' (CLS removed) only")
+        self.feature_layer = _feature_layer_index(self.config.vision_feature_layer, len(self.layers))
+        self.image_token_id = self.config.image_token_id
+        pad = getattr(self.config.text_config, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else 0
+        self._described: dict[int, tuple[torch.Tensor, ImageTokens]] = {}
+        self.capture: ClsRowCapture | None = None
+
+    # ----------------------------------------------------------- installation
+    def install(self, method: VisionMethod, handle: Any) -> _Install:
+        inst = _Install()
+        try:
+            roles = method.vit_layers(len(self.layers), self.feature_layer)
+            self.capture = ClsRowCapture({r: self.layers[i].self_attn for r, i in roles.items()},
+                                         num_heads=self.num_heads, scale=self.scale)
+            inst.parts.append(self.capture)
+            inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
+            inst.parts.append(VisionDropEngine(self, method, handle))
+        except BaseException:
+            inst.remove()
+            raise
+        return inst
+
+    # -------------------------------------------------------------- encoding
+    def encode(self, kw: dict) -> Any:
+        """Run the model's own `get_image_features` as its forward would."""
+        args = {"pixel_values": kw["pixel_values"], "vision_feature_layer": kw.get("vision_feature_layer"),
+                "vision_feature_select_strategy": kw.get("vision_feature_select_strategy"), "return_dict": True}
+        if self.is_next or kw.get("image_sizes") is not None:
+            args["image_sizes"] = kw.get("image_sizes")
+        return self.base.get_image_features(**args)
+
+    def _on_encoded(self, out: Any, image_sizes: Any) -> None:
+        """Describe every image of a `get_image_features` call while its inputs are known."""
+        rows = self.capture.take() if self.capture is not None else {}
+        feats = list(out.pooler_output)
+        if self.is_next:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            if image_sizes is None:
+                raise ValueError("LLaVA-NeXT images need image_sizes")
+            sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
+            n_crops = [image_size_to_num_patches(s, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                       for s in sizes]
+        else:
+            sizes, n_crops = [None] * len(feats), [1] * len(feats)
+        total = sum(n_crops)
+        for role, r in rows.items():
+            if r.shape[0] != total:
+                raise AssertionError(f"captured {r.shape[0]} crops for role {role!r}, images have {total}")
+        self._described = {}
+        start = 0
+        for feat, size, n in zip(feats, sizes, n_crops):
+            cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
+            self._described[id(feat)] = (feat, self._layout(feat, n, size, cls_attn))
+            start += n
+
+    def describe(self, enc: Any) -> list[ImageTokens]:
+        """One `ImageTokens` per pooler_output entry (entries repeated by `generate` share one)."""
+        images = []
+        for feat in enc.pooler_output:
+            entry = self._described.get(id(feat))
+            if entry is None or entry[0] is not feat:
+                raise ValueError("these image features were not encoded while vlmdrop was applied "
+                                 "(pass pixel_values, or call generate, with the method applied)")
+            im = entry[1]
+            images.append(ImageTokens(n_before=im.n_before, crop_of=im.crop_of, local_index=im.local_index,
+                                      crop_hw=im.crop_hw, n_crops=im.n_crops, cls_attn=im.cls_attn,
+                                      base_region=im.base_region))
+        return images
+
+    def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
+        new = type(enc)(**{k: v for k, v in enc.items()})
+        new.pooler_output = feats
+        return new
+
+    # ---------------------------------------------------------------- layout
+    def _layout(self, feat: torch.Tensor, n_crops: int, size: tuple[int, int] | None,
+                cls_attn: dict[str, torch.Tensor]) -> ImageTokens:
+        h, w = self.crop_hw
+        n_before = feat.shape[0]
+        if not self.is_next:
+            if n_before != h * w:
+                raise ValueError(f"image has {n_before} rows, expected {h}x{w}")
+            return ImageTokens(n_before=n_before, crop_of=torch.zeros(n_before, dtype=torch.long),
+                               local_index=torch.arange(n_before), crop_hw=self.crop_hw, n_crops=1, cls_attn=cls_attn)
+        # Index tensors through the model's own packing: channel 0 = crop, channel 1 = patch index.
+        crop = torch.arange(n_crops, dtype=torch.float64)[:, None].expand(n_crops, h * w)
+        patch = torch.arange(h * w, dtype=torch.float64)[None, :].expand(n_crops, h * w)
+        fake = torch.stack([crop, patch], dim=-1)  # (n_crops, h*w, 2)
+        newline = torch.full((2,), -1.0, dtype=torch.float64)
+        packed, _ = self.base.pack_image_features([fake], torch.tensor([size]), "default", image_newline=newline)
+        packed = packed[0].round().long()  # (n_before, 2)
+        if packed.shape[0] != n_before:
+            raise AssertionError(f"layout has {packed.shape[0]} rows, features have {n_before}")
+        crop_of, local = packed[:, 0], packed[:, 1]
+        base_region = None
+        grid = None
+        if n_crops > 1:
+            gh, gw = self._grid(size)
+            if gh * gw != n_crops - 1:
+                raise AssertionError(f"grid {gh}x{gw} does not match {n_crops - 1} sub-images")
+            grid = (gh, gw)
+            box = content_box_from_layout(crop_of, local, crop_hw=self.crop_hw, grid_hw=grid)
+            base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=box)
+        return ImageTokens(n_before=n_before, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw,
+                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region)
+
+    def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        gh, gw = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        return int(gh), int(gw)

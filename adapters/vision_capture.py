@@ -1,0 +1,67 @@
+"""Capture ViT CLS-attention rows from a layer's own q/k projections with forward hooks.
+
+No `output_attentions`, no eager fallback, no N×N matrix: the q_proj hook keeps the CLS query
+(position 0); the k_proj hook, which runs right after it, forms the (crops, H, N) CLS row and drops
+the keys.  Works the same under eager, sdpa and flash attention, because the projections are the
+layer's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vlmdrop.ops.attention import cls_attention_from_projections
+
+
+class ClsRowCapture:
+    """Collects, per role, the CLS attention row of one ViT attention module per forward.
+
+    Args:
+        modules: role -> attention module with `q_proj` and `k_proj` linear layers.
+        num_heads: heads of those modules.
+        scale: their softmax scaling.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, num_heads: int, scale: float) -> None:
+        self.num_heads = num_heads
+        self.scale = scale
+        self.rows: dict[str, torch.Tensor] = {}
+        self._q: dict[str, torch.Tensor] = {}
+        self.handles: list[RemovableHandle] = []
+        for role, mod in modules.items():
+            for proj in ("q_proj", "k_proj"):
+                if not isinstance(getattr(mod, proj, None), nn.Module):
+                    raise TypeError(f"{type(mod).__name__} has no {proj} module; cannot capture CLS attention")
+            self.handles.append(mod.q_proj.register_forward_hook(self._on_q(role)))
+            self.handles.append(mod.k_proj.register_forward_hook(self._on_k(role)))
+
+    def _on_q(self, role: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self._q[role] = out[:, 0].detach()  # (C, D) CLS query of every crop
+
+        return hook
+
+    def _on_k(self, role: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            q = self._q.pop(role, None)
+            if q is None:
+                return  # k computed without a preceding q: not an attention forward we understand
+            row = cls_attention_from_projections(q, out.detach(), num_heads=self.num_heads, scale=self.scale)
+            self.rows[role] = row  # (C, H, N)
+
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """Return and clear the rows of the last vision forward."""
+        rows, self.rows = self.rows, {}
+        self._q.clear()
+        return rows
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.rows.clear()
+        self._q.clear()

@@ -1,0 +1,114 @@
+"""The contract between methods (which tokens to keep) and adapters (where, in a given model).
+
+An adapter describes each image it is about to hand to the language model as an `ImageTokens`
+record; a vision-stage method answers with a `Selection`.  Neither side knows the other's internals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .ops.budget import validate_budget
+
+
+@dataclass
+class ImageTokens:
+    """One image as the language model would receive it, before any token is removed.
+
+    Positions are the `n_before` visual rows the unmodified model feeds the LLM for this image, in
+    order (for LLaVA-NeXT: the base image, then the unpadded sub-image grid row by row with one
+    newline row after each grid row).
+
+    Attributes:
+        n_before: number of visual positions.
+        crop_of: (n_before,) crop of each position: 0 = base image, 1.. = sub-images in the order the
+            processor emits them, -1 = a layout-only row (LLaVA-NeXT `image_newline`).
+        local_index: (n_before,) raster index of each position inside its crop's full h×w patch grid
+            (-1 for layout rows).
+        crop_hw: (h, w) patch grid of one crop.
+        n_crops: base image + sub-images.
+        cls_attn: ViT CLS-attention rows, by role ("first", "feature"), each (n_crops, H, h*w): the
+            attention the CLS query of that ViT layer pays each patch of each crop (CLS column removed).
+        base_region: (h*w,) for each base-image patch, the sub-image (0-based among sub-images) whose
+            region of the original picture contains the patch centre; None without sub-images.
+        sample: batch row the image belongs to.
+    """
+
+    n_before: int
+    crop_of: torch.Tensor
+    local_index: torch.Tensor
+    crop_hw: tuple[int, int]
+    n_crops: int
+    cls_attn: dict[str, torch.Tensor]
+    base_region: torch.Tensor | None = None
+    sample: int = 0
+
+    def crop_positions(self, crop: int) -> torch.Tensor:
+        """(n,) ascending positions of crop `crop` (only the patches that survived unpadding)."""
+        return (self.crop_of == crop).nonzero(as_tuple=True)[0]
+
+    def crop_sizes(self) -> list[int]:
+        """Positions per crop, base image first."""
+        counts = torch.bincount(self.crop_of[self.crop_of >= 0], minlength=self.n_crops)
+        return [int(c) for c in counts.tolist()]
+
+    def layout_positions(self) -> torch.Tensor:
+        """(n,) ascending positions of layout-only rows (newlines)."""
+        return (self.crop_of < 0).nonzero(as_tuple=True)[0]
+
+
+@dataclass
+class Selection:
+    """A vision-stage method's answer for one image.
+
+    Attributes:
+        kept_indices: (n_kept,) ascending positions into the image's `n_before` rows.
+        crop_budgets: tokens allotted to each crop, base image first.
+        crop_kept: tokens actually kept in each crop (equal to the budgets for every built-in method).
+    """
+
+    kept_indices: torch.Tensor
+    crop_budgets: list[int]
+    crop_kept: list[int]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen parameter dataclass.  Subclasses add fields and validation."""
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = "vision"  # "vision" (before the LLM) or "llm" (inside the LLM prefill)
+    roles: ClassVar[tuple[str, ...]] = ()  # ViT CLS-attention rows the method needs ("first", "feature")
+
+    def __post_init__(self) -> None:
+        if hasattr(self, "budget"):
+            validate_budget(self.budget)
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+class VisionMethod:
+    """A method that selects visual rows before they reach the language model."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def vit_layers(self, num_layers: int, feature_layer: int) -> dict[str, int]:
+        """Which ViT layers' CLS rows to capture, by role, as non-negative layer indices."""
+        return {}
+
+    def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
+        raise NotImplementedError
+
+
+@dataclass
+class _Registered:
+    config: type[MethodConfig]
+    method: type[VisionMethod]
+    doc: str = field(default="")

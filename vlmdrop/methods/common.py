@@ -1,0 +1,46 @@
+"""Shared budget accounting for vision-stage methods: crops first, layout rows only on overflow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..interface import ImageTokens, Selection
+
+
+def select_per_crop(image: ImageTokens, n_keep: int, budgets_for: Callable[[int, list[int]], list[int]],
+                    pick: Callable[[int, torch.Tensor, int], torch.Tensor]) -> Selection:
+    """Place `n_keep` tokens: whole shares per crop from `budgets_for(total, caps)`, then `pick`.
+
+    Layout rows (LLaVA-NeXT newlines) carry no image content and are kept only when the budget
+    exceeds every crop's capacity (budgets near 1.0); then the first ones in order are kept, so a
+    budget of 1.0 is the identity.
+
+    Args:
+        budgets_for: (total, caps) -> shares per crop, base first, summing to total.
+        pick: (crop, positions (n,), k) -> (k,) chosen positions, a subset of `positions`.
+    """
+    caps = image.crop_sizes()
+    on_crops = min(n_keep, sum(caps))
+    budgets = budgets_for(on_crops, caps)
+    if sum(budgets) != on_crops or any(b > c for b, c in zip(budgets, caps)):
+        raise AssertionError(f"crop budgets {budgets} must sum to {on_crops} within caps {caps}")
+    chosen = []
+    kept_counts = []
+    for crop, k in enumerate(budgets):
+        positions = image.crop_positions(crop)
+        picked = pick(crop, positions, k) if k > 0 else positions[:0]
+        kept_counts.append(int(picked.numel()))
+        chosen.append(picked)
+    chosen.append(image.layout_positions()[: n_keep - on_crops])
+    kept = torch.cat(chosen).sort().values
+    return Selection(kept_indices=kept, crop_budgets=budgets, crop_kept=kept_counts)
+
+
+def resolve_layer(index: int, num_layers: int, *, what: str) -> int:
+    """A ViT layer index (negative counts from the end) as a non-negative one, validated."""
+    if not -num_layers <= index < num_layers:
+        raise ValueError(f"{what}={index} is out of range for a vision tower with {num_layers} layers "
+                         f"(valid: {-num_layers}..{num_layers - 1})")
+    return index % num_layers

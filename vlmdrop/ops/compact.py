@@ -1,0 +1,108 @@
+"""Compacting a (left-padded) batch after some positions are removed.
+
+Tensors in, tensors out.  Used by the adapters at prefill (to shrink `input_ids`, `attention_mask`
+and `position_ids` together with the visual rows) and at every decode step (to rewrite the caller's
+full-length mask and positions so they match the shorter KV cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Compaction:
+    """Where each output slot of a compacted batch comes from.
+
+    Attributes:
+        src: (B, L_new) column of the input each output slot copies (0 for new padding slots).
+        valid: (B, L_new) True where the slot holds a kept input position, False for new left padding.
+        removed: (B,) number of positions removed from each row.
+        removed_before: (B, L) for every input position, how many removed positions precede it in its row.
+    """
+
+    src: torch.Tensor
+    valid: torch.Tensor
+    removed: torch.Tensor
+    removed_before: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.src.shape[1]
+
+
+def plan_compaction(keep: torch.Tensor) -> Compaction:
+    """Plan the removal of `~keep` positions, re-padding rows of unequal length on the left.
+
+    Args:
+        keep: (B, L) bool, True for positions that stay.
+    """
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a 2-D bool tensor, got {tuple(keep.shape)} {keep.dtype}")
+    b, l = keep.shape
+    kept_per_row = keep.sum(dim=1)  # (B,)
+    l_new = int(kept_per_row.max().item()) if b else 0
+    removed = l - kept_per_row  # (B,)
+    removed_before = torch.cumsum((~keep).long(), dim=1) - (~keep).long()  # (B, L) exclusive count
+    # Destination of each kept input column: right-aligned in a row of length l_new.
+    dest = (l_new - kept_per_row)[:, None] + torch.cumsum(keep.long(), dim=1) - 1  # (B, L)
+    src = torch.zeros(b, l_new, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(b, l_new, dtype=torch.bool, device=keep.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    src[rows, dest[rows, cols]] = cols
+    valid[rows, dest[rows, cols]] = True
+    return Compaction(src=src, valid=valid, removed=removed, removed_before=removed_before)
+
+
+def gather_rows(x: torch.Tensor, plan: Compaction, *, fill: int | float = 0) -> torch.Tensor:
+    """Apply `plan` to a (B, L) or (B, L, ...) tensor; padding slots get `fill`."""
+    idx = plan.src
+    if x.dim() > 2:
+        idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    out = torch.gather(x, 1, idx.to(x.device))
+    valid = plan.valid.to(x.device).reshape(*plan.valid.shape, *([1] * (x.dim() - 2)))
+    return torch.where(valid, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def compact_positions(position_ids: torch.Tensor, plan: Compaction) -> torch.Tensor:
+    """Positions after removal: every kept token moves back by the removed positions before it.
+
+    Args:
+        position_ids: (B, L) or (1, L) positions the unmodified model would use.
+
+    Returns:
+        (B, L_new) contiguous positions (padding slots 0, as `generate` uses).
+    """
+    b = plan.removed.shape[0]
+    pos = position_ids.expand(b, -1) - plan.removed_before.to(position_ids.device)  # (B, L)
+    return gather_rows(pos, plan, fill=0)
+
+
+def extend_mask(prefix_mask: torch.Tensor, caller_mask: torch.Tensor | None, *, orig_prefix: int,
+                tail: int) -> torch.Tensor:
+    """Attention mask for a decode step on a compacted cache.
+
+    Args:
+        prefix_mask: (B, L_new) mask of the compacted prefill.
+        caller_mask: (B, orig_prefix + tail) the caller's mask for the unmodified sequence, or None
+            (all ones).
+        orig_prefix: L, the caller's prefill length.
+        tail: tokens after the prefill, this step's included.
+
+    Returns:
+        (B, L_new + tail) mask.
+    """
+    b = prefix_mask.shape[0]
+    if caller_mask is None:
+        tail_mask = torch.ones(b, tail, dtype=prefix_mask.dtype, device=prefix_mask.device)
+    else:
+        if caller_mask.dim() != 2 or caller_mask.shape[1] != orig_prefix + tail:
+            raise ValueError(
+                f"attention_mask has shape {tuple(caller_mask.shape)} but this decode step expects "
+                f"(batch, {orig_prefix + tail}) = prefill length {orig_prefix} + {tail} new tokens; "
+                "vlmdrop supports 2-D masks that cover the whole sequence"
+            )
+        tail_mask = caller_mask[:, orig_prefix:].to(prefix_mask.dtype)
+    return torch.cat([prefix_mask.to(tail_mask.device), tail_mask], dim=1)

@@ -1,0 +1,49 @@
+"""What the last prefill forward did, per image, in batch order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageStats:
+    """One image of the last prefill.
+
+    Attributes:
+        sample: batch row the image belongs to.
+        n_before: visual positions the unmodified model feeds the LLM for this image (newlines included).
+        n_kept: positions kept.
+        kept_indices: (n_kept,) ascending indices into the `n_before` positions.
+        crop_budgets: tokens allotted per crop, base image first.
+        crop_kept: tokens kept per crop, base image first.
+        method: the method that made the selection.
+    """
+
+    sample: int
+    n_before: int
+    n_kept: int
+    kept_indices: torch.Tensor
+    crop_budgets: list[int]
+    crop_kept: list[int]
+    method: str = ""
+
+
+@dataclass
+class DropStats:
+    """Statistics of the last prefill forward (decode steps never overwrite them)."""
+
+    images: list[ImageStats] = field(default_factory=list)
+
+    @property
+    def n_before(self) -> int:
+        return sum(i.n_before for i in self.images)
+
+    @property
+    def n_kept(self) -> int:
+        return sum(i.n_kept for i in self.images)
+
+    def __repr__(self) -> str:
+        per = ", ".join(f"{i.n_kept}/{i.n_before}" for i in self.images)
+        return f"DropStats(images=[{per}])"

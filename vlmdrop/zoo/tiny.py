@@ -1,0 +1,128 @@
+"""Tiny random-weight LLaVA / LLaVA-NeXT models and processors built from local parts.
+
+Nothing here downloads anything: the tokenizer is a word-level `tokenizers` model wrapped in
+`PreTrainedTokenizerFast`, the image processors are the real transformers classes constructed with
+small settings, and the models are the real `LlavaForConditionalGeneration` /
+`LlavaNextForConditionalGeneration` built from configs with a fixed seed.  They serve as the
+embedded default model of the CLI and as the test fixtures.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    CLIPImageProcessorPil,
+    PreTrainedTokenizerFast,
+)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+WORDS = (
+    ["USER:", "ASSISTANT:", "what", "is", "the", "shape", "color", "colour", "in", "this", "image", "?", "a",
+     "an", "yes", "no", "does", "contain", "circle", "rectangle", "triangle", "red", "green", "blue", "black",
+     "gray", "yellow", "teal", "brown", "describe", "there", "picture", "how", "many", "of", "and", ".", ","]
+    + list(string.ascii_lowercase)
+    + [str(d) for d in range(10)]
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}\nASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is `SPECIALS + WORDS`; `<image>` is a special token."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("?", "isolated"), pre_tokenizers.Split("<image>", "isolated")]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _vision_config(image_size: int, patch_size: int, layers: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+
+
+def _text_config(vocab_size: int, layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def tiny_llava(*, seed: int = 0, image_size: int = 56, patch_size: int = 14, vision_layers: int = 3,
+               text_layers: int = 2, attn_implementation: str = "sdpa"):
+    """A random-weight `LlavaForConditionalGeneration` and its `LlavaProcessor` (LLaVA-1.5 layout)."""
+    tokenizer = build_tokenizer()
+    config = LlavaConfig(
+        vision_config=_vision_config(image_size, patch_size, vision_layers),
+        text_config=_text_config(len(tokenizer), text_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_llava_next(*, seed: int = 0, image_size: int = 56, patch_size: int = 14, vision_layers: int = 3,
+                    text_layers: int = 2, attn_implementation: str = "sdpa"):
+    """A random-weight `LlavaNextForConditionalGeneration` (AnyRes, unpad, newline) and its processor."""
+    tokenizer = build_tokenizer()
+    s = image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+    config = LlavaNextConfig(
+        vision_config=_vision_config(image_size, patch_size, vision_layers),
+        text_config=_text_config(len(tokenizer), text_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF leaves image_newline at zero-ish init; give it a distinct random value
+        model.model.image_newline.normal_(std=1.0)
+    model.set_attn_implementation(attn_implementation)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
