@@ -27,8 +27,14 @@ sys.meta_path.insert(0, _CheckoutFinder)
 
 
 def _installed_here() -> bool:
-    spec = importlib.util.find_spec("vlmdrop")
-    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(ROOT)
+    for name in ("vlmdrop", "vlmdrop.eval"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:
+            return False
+        if spec is None or spec.origin is None or not Path(spec.origin).resolve().is_relative_to(ROOT):
+            return False
+    return True
 
 
 if not _installed_here():
