@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+from vlmdrop.ops.globalcom2 import (
+    crop_keep_counts,
+    crop_retention,
+    crop_token_scores,
+    official_crop_boxes,
+    official_region_map,
+)
+
+
+def test_region_map_blocks_and_leftovers():
+    assert official_region_map(4, 4, n_rows=2, n_cols=2).tolist() == [
+        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    # 5 rows into 2 block rows of 2: the leftover row joins the last block row
+    assert official_region_map(5, 3, n_rows=2, n_cols=1)[:, 0].tolist() == [0, 0, 1, 1, 1]
+    assert official_region_map(24, 24, n_rows=1, n_cols=3)[0, ::8].tolist() == [0, 1, 2]
+
+
+def test_retention_equal_scores_give_base_ratio():
+    attn = torch.ones(4, 4)
+    r = crop_retention(attn, official_region_map(4, 4, n_rows=2, n_cols=2), 4)
+    assert torch.allclose(r, torch.full((4,), 0.25, dtype=torch.float64), atol=1e-12)
+
+
+def test_retention_softmax_with_temperature_and_clip():
+    # s = [0, 10 ln 3], T = 10 -> softmax [1/4, 3/4] -> 0.25 * (1 -+ 0.25)
+    attn = torch.tensor([[0.0, 10 * math.log(3)]])
+    region = torch.tensor([[0, 1]])
+    r = crop_retention(attn, region, 2)
+    assert torch.allclose(r, torch.tensor([0.1875, 0.3125], dtype=torch.float64), atol=1e-7)
+    r = crop_retention(attn, region, 2, base_ratio=1.0)  # 1.25 is clipped to 1
+    assert torch.allclose(r, torch.tensor([0.75, 1.0], dtype=torch.float64), atol=1e-7)
+    # a crop without thumbnail tokens has s = 0
+    r = crop_retention(attn, region, 3, temperature=1e9)
+    assert torch.allclose(r, torch.full((3,), 0.25, dtype=torch.float64), atol=1e-7)
+
+
+def test_retention_errors_carry_values():
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        crop_retention(torch.ones(1, 2), torch.tensor([[0, 5]]), 2)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        crop_retention(torch.ones(1, 2), torch.tensor([[0, 1]]), 2, temperature=0)
+
+
+def test_token_scores_bilinear_and_l2():
+    thumb = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # resized to 4x4: 2*y + x, y, x in {0, .25, .75, 1}
+    local = torch.tensor([3.0, 0.0, 0.0, 4.0])
+    s = crop_token_scores(local, thumb, full_hw=(4, 4), crop_rows=(0, 2), crop_cols=(2, 4))
+    g = torch.tensor([0.75, 1.0, 1.25, 1.5])
+    expected = torch.tensor([0.6, 0.0, 0.0, 0.8]) + g / math.sqrt(5.375)
+    assert torch.allclose(s, expected, atol=1e-6)
+
+
+def test_token_scores_errors_carry_values():
+    with pytest.raises(ValueError, match="has 3 scores"):
+        crop_token_scores(torch.ones(3), torch.ones(2, 2), full_hw=(4, 4), crop_rows=(0, 2), crop_cols=(0, 2))
+    with pytest.raises(ValueError, match=r"\(0, 5\)"):
+        crop_token_scores(torch.ones(10), torch.ones(2, 2), full_hw=(4, 4), crop_rows=(0, 5), crop_cols=(0, 2))
+
+
+def test_crop_boxes_unpad_rows_and_cols():
+    full, boxes, local = official_crop_boxes((200, 600), n_rows=1, n_cols=2, side=24)
+    assert full == (16, 48)  # pad = (24 - int(200 * 48 / 600)) // 2 = 4 rows top and bottom
+    assert boxes == [(0, 16, 0, 24), (0, 16, 24, 48)]
+    assert local == [(4, 20, 0, 24), (4, 20, 0, 24)]
+    full, boxes, local = official_crop_boxes((100, 50), n_rows=2, n_cols=2, side=4)
+    assert full == (8, 4)  # 2 columns cut left and right
+    assert boxes == [(0, 4, 0, 2), (0, 4, 2, 4), (4, 8, 0, 2), (4, 8, 2, 4)]
+    assert local == [(0, 4, 2, 4), (0, 4, 0, 2), (0, 4, 2, 4), (0, 4, 0, 2)]
+    full, boxes, _ = official_crop_boxes((300, 600), n_rows=1, n_cols=2, side=24)
+    assert full == (24, 48) and boxes[1] == (0, 24, 24, 48)
+
+
+def test_keep_counts_official_floor_and_exact():
+    assert crop_keep_counts([576, 576], [0.1875, 0.3125]) == [108, 180]
+    assert crop_keep_counts([10, 10], [0.25, 0.35]) == [2, 3]
+    # exact: quotas 112.5, 187.5 -> floors 112, 187, one left -> tie -> lower index
+    assert crop_keep_counts([576, 576], [0.1875, 0.3125], total=300) == [113, 187]
+    # cap: crop 0 saturates at 10, the rest goes to crop 1
+    assert crop_keep_counts([10, 100], [1.0, 0.1], total=30) == [10, 20]
+    assert crop_keep_counts([5, 5], [0.0, 0.0], total=4) == [2, 2]
+    assert crop_keep_counts([3, 7], [0.5, 0.5], total=10) == [3, 7]
+
+
+def test_keep_counts_errors_carry_values():
+    with pytest.raises(ValueError, match="got 11"):
+        crop_keep_counts([5, 5], [0.5, 0.5], total=11)
+    with pytest.raises(ValueError, match="1.5"):
+        crop_keep_counts([5, 5], [0.5, 1.5])
+    with pytest.raises(ValueError, match="2 crops but 1 ratios"):
+        crop_keep_counts([5, 5], [0.5])

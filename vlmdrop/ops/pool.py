@@ -1,0 +1,71 @@
+"""Uniform spatial average pooling of a token grid to an exact token count (the `pool` baseline).
+
+Rule (deterministic, exact count for every 1 <= target <= h*w):
+  1. rows r' = clamp(floor(sqrt(target * h / w) + 0.5), 1, min(h, target)), i.e. the row count of
+     a grid with the input's aspect ratio and about `target` cells; if ceil(target / r') > w,
+     r' = ceil(target / w) instead (a row cannot hold more than w cells).
+  2. target = q * r' + rem: every output row gets q cells and `rem` evenly spread rows get q + 1
+     (row i gets the extra cell when floor((i+1)*rem/r') > floor(i*rem/r')).
+  3. Output row i averages source rows [floor(i*h/r'), ceil((i+1)*h/r')); its j-th of w_i cells
+     averages source columns [floor(j*w/w_i), ceil((j+1)*w/w_i)) -- the bin edges of
+     torch.nn.functional.adaptive_avg_pool2d, so regions may overlap by one row/column when the
+     sizes do not divide.
+Consequences: when rem == 0 the result equals adaptive_avg_pool2d to (r', target / r');
+target == h*w is the identity (returned as a copy); output order is raster (row by row).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _row_count(h: int, w: int, target: int) -> int:
+    rows = int(math.floor(math.sqrt(target * h / w) + 0.5))
+    rows = max(1, min(rows, h, target))
+    if -(-target // rows) > w:  # ceil(target / rows) > w
+        rows = -(-target // w)
+    return rows
+
+
+def pool_groups(*, h: int, w: int, target: int) -> list[Tensor]:
+    """Source raster indices averaged by each of the `target` outputs (raster order), see module doc."""
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be at least 1x1, got h={h}, w={w}")
+    if not 1 <= target <= h * w:
+        raise ValueError(f"target must be in [1, h*w={h * w}], got {target}")
+    rows = _row_count(h, w, target)
+    q, rem = divmod(target, rows)
+    grid = torch.arange(h * w).view(h, w)  # (h, w) raster index of each source token
+    groups = []
+    for i in range(rows):
+        cells = q + ((i + 1) * rem // rows - i * rem // rows)
+        r0, r1 = i * h // rows, -(-(i + 1) * h // rows)
+        for j in range(cells):
+            c0, c1 = j * w // cells, -(-(j + 1) * w // cells)
+            groups.append(grid[r0:r1, c0:c1].reshape(-1))
+    assert len(groups) == target, (len(groups), target, rows)
+    return groups
+
+
+def pool_grid(tokens: Tensor, *, h: int, w: int, target: int) -> tuple[Tensor, list[Tensor]]:
+    """Average-pool a raster token grid (h*w, C) to exactly `target` tokens.
+
+    Returns (pooled (target, C) in tokens.dtype, groups: target LongTensors of the source indices
+    each output averages). Means are accumulated in float32 (float64 for float64 input).
+    """
+    if tokens.dim() != 2 or tokens.shape[0] != h * w:
+        raise ValueError(f"tokens must be (h*w={h * w}, C), got shape {tuple(tokens.shape)}")
+    groups = pool_groups(h=h, w=w, target=target)
+    if target == h * w:
+        return tokens.clone(), groups
+    acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    sizes = torch.tensor([g.numel() for g in groups])  # (target,)
+    out_idx = torch.repeat_interleave(torch.arange(target), sizes)  # (sum sizes,)
+    weights = torch.zeros(target, h * w, dtype=acc)  # (target, h*w)
+    weights[out_idx, torch.cat(groups)] = 1.0 / sizes[out_idx].to(acc)
+    weights = weights.to(tokens.device)
+    pooled = weights @ tokens.to(acc)  # (target, C)
+    return pooled.to(tokens.dtype), groups
