@@ -21,8 +21,8 @@ def _floats(s: str) -> list[float]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--budget takes comma-separated numbers, got {s!r}") from e
     for v in vals:
-        if not 0.0 < v <= 1.0:
-            raise argparse.ArgumentTypeError(f"budget {v} is not a fraction in (0, 1]")
+        if not (0.0 < v <= 1.0 or (v > 1 and v == int(v))):
+            raise argparse.ArgumentTypeError(f"budget {v} is neither a fraction in (0, 1] nor a token count")
     return vals
 
 
@@ -41,7 +41,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "may hold one sub-folder per task name")
     p.add_argument("--method", default=["hired"], type=_names,
                    help="comma-separated dropping methods (the full model always runs as the reference)")
-    p.add_argument("--budget", default=[0.2], type=_floats, help="comma-separated kept fractions, e.g. 0.1,0.2")
+    p.add_argument("--budget", default=[0.2], type=_floats, help="comma-separated kept fractions (e.g. 0.1,0.2) or token counts (e.g. 64)")
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's lmms-eval setting")

@@ -221,6 +221,8 @@ class HFGenerator:
     def __init__(self, model: Any, processor: Any, device: Any = None):
         import torch
 
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda")
         self.model = model
         self.processor = processor
         self.device = device if device is not None else next(model.parameters()).device
@@ -255,7 +257,8 @@ class HFGenerator:
         self.method = method
         self._torch.manual_seed(seed)
         if method != FULL:
-            kwargs: dict[str, Any] = {"budget": budget}
+            # a budget above 1 is a token count, else a fraction of the visual tokens
+            kwargs: dict[str, Any] = {"budget": int(budget) if budget > 1 else budget}
             if method == "random":
                 kwargs["seed"] = seed
             self.handle = vlmdrop.apply(self.model, method, **kwargs)
@@ -284,6 +287,9 @@ class HFGenerator:
         texts = [self.build_prompt(p) for p in prompts]
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
+        pv = inputs.get("pixel_values")
+        if pv is not None and pv.is_floating_point():
+            inputs["pixel_values"] = pv.to(self.model.dtype)
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -360,9 +366,11 @@ class _Dist:
     def __init__(self) -> None:
         self.rank, self.world, self.device, self._state = 0, 1, None, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
+            import torch
             from accelerate import PartialState
 
-            self._state = PartialState()
+            # without CUDA, processes started by `accelerate launch --multi_gpu` / torchrun use gloo on CPU
+            self._state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world, self.device = self._state.process_index, self._state.num_processes, self._state.device
 
     @property
@@ -383,6 +391,8 @@ def _data_dir_for(data: str | None, task: Task) -> str | None:
 
 
 def _check_run_meta(out: Path, cfg: EvalConfig, dist: _Dist) -> None:
+    if not dist.main:  # the main process checks and writes; the others wait at the barrier
+        return
     meta = {"model": cfg.model or "<default>", "data": cfg.data, "max_new_tokens": cfg.max_new_tokens}
     path = out / "run.json"
     if path.exists():
@@ -390,7 +400,7 @@ def _check_run_meta(out: Path, cfg: EvalConfig, dist: _Dist) -> None:
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{out} holds results of a different run ({diff}); choose another --out")
-    elif dist.main:
+    else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(meta, indent=1))
 
