@@ -41,7 +41,10 @@ class VisionDropEngine:
 
     The adapter supplies: `encode(kwargs) -> encoder output` (runs the model's own
     `get_image_features`), `describe(encoder_output) -> list[ImageTokens]` (one per pooler_output
-    entry, layout + CLS rows), `image_token_id`, `pad_token_id`.
+    entry, layout + CLS rows), `with_features(encoder_output, per-image rows) -> encoder output`,
+    `image_token_id`, `pad_token_id`.  An adapter whose pooler_output is not one entry per image
+    (InternVL: one per tile) supplies `split(encoder_output, input_ids) -> (per-image rows, ImageTokens)`
+    instead of `describe`.
     """
 
     def __init__(self, adapter: Any, method: VisionMethod, handle: Any) -> None:
@@ -109,8 +112,8 @@ class VisionDropEngine:
             kw["pixel_values"] = None
             kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": enc}
         enc = kw["mm_encoder_outputs"]["image"]
-        feats = list(enc.pooler_output)
-        images = self.adapter.describe(enc)
+        split = getattr(self.adapter, "split", None)  # adapters whose pooler_output is not one entry per image
+        feats, images = split(enc, input_ids) if split is not None else (list(enc.pooler_output), self.adapter.describe(enc))
         ph = input_ids == self.adapter.image_token_id  # (B, L)
         rows, cols = ph.nonzero(as_tuple=True)
         n_total = sum(im.n_before for im in images)
@@ -125,7 +128,9 @@ class VisionDropEngine:
             n_keep = resolve_budget(self.method.config.budget, image.n_before)
             sel = self.method.select(image, n_keep, generator=generator)
             kept = sel.kept_indices
-            if kept.numel() != n_keep:
+            if not self.method.exact_budget:
+                n_keep = int(kept.numel())
+            elif kept.numel() != n_keep:
                 raise AssertionError(f"{self.method.config.name} kept {kept.numel()} rows, budget says {n_keep}")
             keep_ph[offset + kept.to(keep_ph.device)] = True
             new_feats.append(feat[kept.to(feat.device)])

@@ -125,7 +125,8 @@ class LlavaAdapter(Adapter):
         try:
             roles = method.vit_layers(len(self.layers), self.feature_layer)
             self.capture = ClsRowCapture({r: self.layers[i].self_attn for r, i in roles.items()},
-                                         num_heads=self.num_heads, scale=self.scale)
+                                         num_heads=self.num_heads, scale=self.scale,
+                                         logit_roles=tuple(getattr(method.config, "logit_roles", ())))
             inst.parts.append(self.capture)
             inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
             inst.parts.append(VisionDropEngine(self, method, handle))
@@ -179,7 +180,7 @@ class LlavaAdapter(Adapter):
             im = entry[1]
             images.append(ImageTokens(n_before=im.n_before, crop_of=im.crop_of, local_index=im.local_index,
                                       crop_hw=im.crop_hw, n_crops=im.n_crops, cls_attn=im.cls_attn,
-                                      base_region=im.base_region))
+                                      base_region=im.base_region, grid_hw=im.grid_hw))
         return images
 
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
@@ -217,7 +218,7 @@ class LlavaAdapter(Adapter):
             box = content_box_from_layout(crop_of, local, crop_hw=self.crop_hw, grid_hw=grid)
             base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=box)
         return ImageTokens(n_before=n_before, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw,
-                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region)
+                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region, grid_hw=grid)
 
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape

@@ -9,7 +9,7 @@ from vlmdrop.ops.budget import resolve_budget
 
 from conftest import IMAGE_SIZES, PROMPTS, batch, get_model
 
-MIXED = [(60, 130), (90, 50), (56, 56)]  # 1x2 grid, 2x1 grid, single crop -> different lengths, left padding
+MIXED = [(60, 130), (90, 50), (56, 56)]  # grids 1x3, 2x1, 1x2 -> different lengths, left padding
 
 
 def _enc_features(model, inputs):
@@ -261,3 +261,21 @@ def test_two_images_in_one_prompt_and_text_only_row():
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3)
     assert [s.sample for s in h.stats.images] == [0, 0]
     assert out.shape[0] == 2
+
+
+def test_hired_official_code_mode():
+    """Compatibility mode: the official code's counts (int(n_crops*N*rate), row bands, floors, no newlines)."""
+    from vlmdrop.ops.hired_official import official_crop_budgets, official_total_budget
+
+    model, proc = get_model("llava_next")
+    inputs = batch(proc, [(120, 110), (90, 50)])  # grids 2x2 and 2x1: 16 base patches split into 4 | 2 bands
+    with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.5, mode="official-code") as h:
+        model.generate(**inputs, max_new_tokens=2)
+    for s, n_crops in zip(h.stats.images, [5, 3]):
+        assert len(s.crop_budgets) == n_crops
+        total = official_total_budget(n_crops, tokens_per_crop=16, rate=0.5)
+        assert s.crop_budgets[0] == min(int(total * 0.5), 16)
+        assert sum(s.crop_budgets) <= total
+        assert all(k <= b for k, b in zip(s.crop_kept, s.crop_budgets)) and s.n_kept == sum(s.crop_kept)
+    with pytest.raises(ValueError, match="official-code"):
+        vlmdrop.apply(model, "hired", budget=64, mode="official-code")

@@ -24,7 +24,15 @@ def load_model(name_or_path: str | None, *, attn_implementation: str = "sdpa", d
                                                         dtype=torch_dtype)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), AutoProcessor.from_pretrained(name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except (OSError, ImportError, ValueError):
+        if getattr(model.config, "model_type", None) != "internvl":
+            raise
+        from vlmdrop.zoo.processors import load_internvl_processor  # InternVL's video processor needs torchvision
+
+        processor = load_internvl_processor(name_or_path)
+    return model.eval(), processor
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -65,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"question: {args.question}")
     print(f"full     ({st.n_before} visual tokens, {t_full:.3f} s): {full!r}")
     print(f"{args.method:<8} ({st.n_kept} visual tokens, {t_red:.3f} s): {reduced!r}")
-    print(f"kept per crop (base image first): {st.crop_kept}  budgets: {st.crop_budgets}")
+    order = "tiles in order, thumbnail last" if getattr(model.config, "model_type", "") == "internvl" else "base image first"
+    print(f"kept per crop ({order}): {st.crop_kept}  budgets: {st.crop_budgets}")
     print(f"tokens kept: {st.n_kept}/{st.n_before} = {st.n_kept / st.n_before:.1%}; "
           f"time ratio reduced/full: {t_red / t_full:.2f}")
     return 0

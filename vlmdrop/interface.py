@@ -25,17 +25,22 @@ class ImageTokens:
 
     Attributes:
         n_before: number of visual positions.
-        crop_of: (n_before,) crop of each position: 0 = base image, 1.. = sub-images in the order the
-            processor emits them, -1 = a layout-only row (LLaVA-NeXT `image_newline`).
+        crop_of: (n_before,) crop of each position, crops numbered in the order the model receives them
+            (LLaVA-NeXT: 0 = base image, 1.. = sub-images; InternVL: 0.. = tiles, thumbnail last);
+            -1 = a layout-only row (LLaVA-NeXT `image_newline`).
         local_index: (n_before,) raster index of each position inside its crop's full h×w patch grid
             (-1 for layout rows).
         crop_hw: (h, w) patch grid of one crop.
-        n_crops: base image + sub-images.
+        n_crops: base image + sub-images (1 when there is a single crop / tile and no thumbnail).
         cls_attn: ViT CLS-attention rows, by role ("first", "feature"), each (n_crops, H, h*w): the
             attention the CLS query of that ViT layer pays each patch of each crop (CLS column removed).
-        base_region: (h*w,) for each base-image patch, the sub-image (0-based among sub-images) whose
-            region of the original picture contains the patch centre; None without sub-images.
+        base_region: (h*w,) for each base-image patch, the sub-image (0-based among sub-images, i.e. among
+            the crops other than `base_crop`, in crop order) whose region of the original picture contains
+            the patch centre; None without sub-images.
         sample: batch row the image belongs to.
+        base_crop: index of the base image / thumbnail among the crops (0 for LLaVA-NeXT, the last crop
+            for InternVL; 0 when there is only one crop).
+        grid_hw: (rows, cols) of the sub-image grid (sub-images in raster order), None without sub-images.
     """
 
     n_before: int
@@ -46,13 +51,19 @@ class ImageTokens:
     cls_attn: dict[str, torch.Tensor]
     base_region: torch.Tensor | None = None
     sample: int = 0
+    base_crop: int = 0
+    grid_hw: tuple[int, int] | None = None
 
     def crop_positions(self, crop: int) -> torch.Tensor:
         """(n,) ascending positions of crop `crop` (only the patches that survived unpadding)."""
         return (self.crop_of == crop).nonzero(as_tuple=True)[0]
 
+    def sub_crops(self) -> list[int]:
+        """Crop indices of the sub-images, in crop order (every crop except `base_crop`)."""
+        return [c for c in range(self.n_crops) if c != self.base_crop] if self.n_crops > 1 else []
+
     def crop_sizes(self) -> list[int]:
-        """Positions per crop, base image first."""
+        """Positions per crop, in crop order."""
         counts = torch.bincount(self.crop_of[self.crop_of >= 0], minlength=self.n_crops)
         return [int(c) for c in counts.tolist()]
 
@@ -67,7 +78,7 @@ class Selection:
 
     Attributes:
         kept_indices: (n_kept,) ascending positions into the image's `n_before` rows.
-        crop_budgets: tokens allotted to each crop, base image first.
+        crop_budgets: tokens allotted to each crop, in crop order (`ImageTokens.crop_of`).
         crop_kept: tokens actually kept in each crop (equal to the budgets for every built-in method).
     """
 
@@ -83,6 +94,7 @@ class MethodConfig:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "vision"  # "vision" (before the LLM) or "llm" (inside the LLM prefill)
     roles: ClassVar[tuple[str, ...]] = ()  # ViT CLS-attention rows the method needs ("first", "feature")
+    logit_roles: ClassVar[tuple[str, ...]] = ()  # of those, roles captured as pre-softmax logits q·k·scale
 
     def __post_init__(self) -> None:
         if hasattr(self, "budget"):
@@ -98,6 +110,12 @@ class VisionMethod:
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    @property
+    def exact_budget(self) -> bool:
+        """True when `select` keeps exactly the `n_keep` rows it is asked for (every built-in method
+        except compatibility modes that reproduce another code base's counts)."""
+        return True
 
     def vit_layers(self, num_layers: int, feature_layer: int) -> dict[str, int]:
         """Which ViT layers' CLS rows to capture, by role, as non-negative layer indices."""

@@ -16,8 +16,9 @@ class ImageStats:
         n_before: visual positions the unmodified model feeds the LLM for this image (newlines included).
         n_kept: positions kept.
         kept_indices: (n_kept,) ascending indices into the `n_before` positions.
-        crop_budgets: tokens allotted per crop, base image first.
-        crop_kept: tokens kept per crop, base image first.
+        crop_budgets: tokens allotted per crop, in the order the model receives the crops (LLaVA-NeXT: base
+            image first; InternVL: tiles, thumbnail last).
+        crop_kept: tokens kept per crop, same order.
         method: the method that made the selection.
     """
 

@@ -18,7 +18,7 @@ def select_per_crop(image: ImageTokens, n_keep: int, budgets_for: Callable[[int,
     budget of 1.0 is the identity.
 
     Args:
-        budgets_for: (total, caps) -> shares per crop, base first, summing to total.
+        budgets_for: (total, caps) -> shares per crop, in crop order, summing to total.
         pick: (crop, positions (n,), k) -> (k,) chosen positions, a subset of `positions`.
     """
     caps = image.crop_sizes()

@@ -11,6 +11,7 @@ import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import hired as F
+from ..ops import hired_official as OF
 from ..registry import register_method
 from .common import resolve_layer, select_per_crop
 
@@ -47,6 +48,8 @@ class HiredConfig(MethodConfig):
                 raise ValueError(f"{name}={v!r} must be an int layer index")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not valid; valid modes: {', '.join(MODES)}")
+        if self.mode == "official-code" and not isinstance(self.budget, float):
+            raise ValueError(f"budget={self.budget!r}: mode='official-code' takes a float rate, as the official code does")
 
 
 @register_method("hired", HiredConfig)
@@ -54,6 +57,10 @@ class Hired(VisionMethod):
     """HiRED: first-layer CLS attention splits the budget over crops, feature-layer CLS attention picks tokens."""
 
     config: HiredConfig
+
+    @property
+    def exact_budget(self) -> bool:
+        return self.config.mode == "paper"
 
     def vit_layers(self, num_layers: int, feature_layer: int) -> dict[str, int]:
         feat = self.config.feature_layer if self.config.feature_layer is not None else feature_layer
@@ -64,16 +71,47 @@ class Hired(VisionMethod):
 
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
         feature = image.cls_attn["feature"].sum(dim=1)  # (n_crops, h*w) summed over heads
+        if self.config.mode == "official-code":
+            return self._official(image, feature)
 
         def budgets_for(total: int, caps: list[int]) -> list[int]:
             sub_scores = None
+            order = [image.base_crop] + image.sub_crops()  # base first, as F.crop_budgets expects
             if image.n_crops > 1:
-                base_first = image.cls_attn["first"][0].sum(dim=0)  # (h*w,)
+                base_first = image.cls_attn["first"][image.base_crop].sum(dim=0)  # (h*w,)
                 sub_scores = F.region_scores(base_first, image.base_region, image.n_crops - 1)  # (n_sub,)
-            return F.crop_budgets(total, caps, alpha=float(self.config.alpha), sub_scores=sub_scores)
+            shares = F.crop_budgets(total, [caps[c] for c in order], alpha=float(self.config.alpha),
+                                    sub_scores=sub_scores)
+            out = [0] * len(caps)
+            for c, k in zip(order, shares):
+                out[c] = k
+            return out  # crop order
 
         def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
             scores = feature[crop][image.local_index[positions]]  # (n,)
             return positions[F.top_positions(scores, k)]
 
         return select_per_crop(image, n_keep, budgets_for, pick)
+
+    def _official(self, image: ImageTokens, feature: torch.Tensor) -> Selection:
+        """The published code's rule (see `vlmdrop.ops.hired_official`): budget over padded crops,
+        count-based row-band shares, floors, no newline rows, tokens chosen in padding discarded."""
+        if image.n_crops > 1 and image.base_crop != 0:
+            raise ValueError(f"mode='official-code' reproduces the LLaVA code base (base image first); this image's "
+                             f"base crop is {image.base_crop} of {image.n_crops} (InternVL): use mode='paper'")
+        h, w = image.crop_hw
+        n, rate, alpha = h * w, float(self.config.budget), float(self.config.alpha)
+        if image.n_crops == 1:  # LLaVA-1.5's code path: top int(N * rate), no alpha
+            budgets = [min(n, int(n * rate))]
+        else:
+            total = OF.official_total_budget(image.n_crops, tokens_per_crop=n, rate=rate)
+            base_first = image.cls_attn["first"][0].sum(dim=0)  # (h*w,)
+            budgets = OF.official_crop_budgets(base_first, n_sub=image.n_crops - 1, total_budget=total, alpha=alpha)
+        chosen_local = OF.official_select(feature, budgets)  # per crop, indices into the padded h*w grid
+        kept, crop_kept = [], []
+        for crop, local in enumerate(chosen_local):
+            positions = image.crop_positions(crop)  # (n,) unpadded positions of this crop
+            hit = torch.isin(image.local_index[positions], local)  # (n,) chosen and not unpadded away
+            kept.append(positions[hit])
+            crop_kept.append(int(hit.sum()))
+        return Selection(kept_indices=torch.cat(kept).sort().values, crop_budgets=budgets, crop_kept=crop_kept)

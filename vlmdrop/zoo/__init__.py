@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .easyvqa_hr import easyvqa_hr, easyvqa_hr_records
+
 
 def load_default():
     """The embedded default `(model, processor)`: a small LLaVA-NeXT that needs no download.
@@ -15,4 +17,4 @@ def load_default():
     return tiny_llava_next(seed=0)
 
 
-__all__ = ["load_default"]
+__all__ = ["load_default", "easyvqa_hr", "easyvqa_hr_records"]

@@ -126,3 +126,76 @@ def tiny_llava_next(*, seed: int = 0, image_size: int = 56, patch_size: int = 14
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
     return model, processor
+
+
+INTERNVL_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>"]
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}\nASSISTANT:{% endif %}"
+)
+
+
+def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with InternVL's `<IMG_CONTEXT>`, `<img>`, `</img>`, `<video>` special tokens."""
+    vocab = {tok: i for i, tok in enumerate(INTERNVL_SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("?", "isolated")])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                              "end_image_token": "</img>", "video_token": "<video>"},
+        padding_side="left",
+    )
+    fast.chat_template = INTERNVL_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_internvl(*, seed: int = 0, tile_size: int = 64, patch_size: int = 8, vision_layers: int = 3,
+                  text_layers: int = 2, max_patches: int = 6,
+                  use_qk_norm: bool = False, attn_implementation: str = "sdpa"):
+    """A random-weight `InternVLForConditionalGeneration` (InternVL 2.5/3 layout: dynamic tiling with a
+    thumbnail last, CLS ViT, 0.5 pixel shuffle, MLP projector, Qwen2 LLM) and its `InternVLProcessor`.
+
+    Tiles are `tile_size` px with `patch_size` px patches: (tile_size/patch_size)**2 / 4 tokens per tile
+    (16 by default); an image becomes 1 tile, or up to `max_patches` tiles plus the thumbnail (pass
+    `crop_to_patches=False` to the processor call for one tile per image).
+    """
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    from .processors import internvl_processor
+
+    tokenizer = build_internvl_tokenizer()
+    vision = InternVLVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=tile_size, patch_size=patch_size, use_qk_norm=use_qk_norm,
+        norm_type="rms_norm" if use_qk_norm else "layer_norm",
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    seq = (tile_size // patch_size) ** 2 // 4
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=seq, downsample_ratio=0.5, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF initialises the CLS token and position embeddings to zero; give them values
+        emb = model.model.vision_tower.embeddings
+        emb.cls_token.normal_(std=1.0)
+        if emb.position_embeddings is not None:
+            emb.position_embeddings.normal_(std=1.0)
+    model.set_attn_implementation(attn_implementation)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
+        max_patches=max_patches,
+    )
+    processor = internvl_processor(image_processor, tokenizer, image_seq_length=seq,
+                                   chat_template=INTERNVL_CHAT_TEMPLATE)
+    return model, processor

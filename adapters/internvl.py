@@ -1,0 +1,236 @@
+"""Adapter for Hugging Face InternVL 2/2.5/3 (`InternVLForConditionalGeneration`): dynamic tiling with
+the thumbnail last, a CLS ViT, pixel shuffle, MLP projector.
+
+Where things are taken:
+* Tokens are dropped **after the projector**: pixel shuffle needs every tile's full square grid.  A
+  post-shuffle token is scored by pooling its source patches (the sum of their CLS attention; the
+  source map is the model's own `pixel_shuffle` run on index tensors).
+* CLS rows: forward hooks on the ViT layer's `q_norm`/`k_norm` (they follow `q_proj`/`k_proj`, and are
+  `nn.Identity` without qk-norm), so the scores use the queries/keys the layer really attends with.
+* Tiles per image: the model receives only the stacked tiles; each image's tile count comes from its
+  run of `<IMG_CONTEXT>` placeholders (`<img>…</img>`), `image_seq_length` tokens per tile.  An image
+  with more than one tile is a `rows × cols` raster of tiles followed by the thumbnail (the whole
+  picture resized to one tile).  The grid shape is not passed to the model, so it is recovered from
+  the pixels: of the factorisations rows·cols = tiles − 1, the one whose stitched tiles, area-resized
+  to one tile, are closest (MSE) to the thumbnail.
+* `generate` encodes the images before the first forward, so the base model's class is swapped on this
+  instance only (restored by `remove()`) for a subclass whose `get_image_features` reports its pixels
+  and output, as in `adapters/llava.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.ops.anyres import base_region_map
+
+from .base import Adapter, register_adapter
+from .engine import VisionDropEngine
+from .llava import _ClassSwap, _feature_layer_index, _Install
+from .vision_capture import ClsRowCapture
+
+logger = logging.getLogger("vlmdrop")
+
+
+@functools.cache
+def _recording_class(cls: type) -> type:
+    """A subclass of `cls` whose `get_image_features` reports `(output, pixel_values)` to a sink."""
+
+    sig = inspect.signature(cls.get_image_features)
+
+    def get_image_features(self, *args, **kwargs):
+        out = super(sub, self).get_image_features(*args, **kwargs)
+        sink = self.__dict__.get("_vlmdrop_sink")
+        if sink is not None:
+            sink(out, sig.bind_partial(self, *args, **kwargs).arguments.get("pixel_values"))
+        return out
+
+    sub = type(cls.__name__, (cls,), {"get_image_features": get_image_features, "__module__": cls.__module__,
+                                      "__qualname__": cls.__qualname__, "_vlmdrop_original": cls})
+    return sub
+
+
+def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
+    """(rows, cols) of a raster of tiles that, stitched and resized to one tile, best matches the thumbnail.
+
+    Args:
+        tiles: (n, C, S, S) the image's tiles in the processor's raster order (thumbnail excluded).
+        thumbnail: (C, S, S) the whole picture resized to one tile.
+
+    Returns:
+        (rows, cols) with rows * cols == n; ties go to the first candidate in order of increasing rows.
+    """
+    n, c, s, s2 = tiles.shape
+    best, best_err = None, float("inf")
+    thumb = thumbnail.float()[None]  # (1, C, S, S)
+    for rows in range(1, n + 1):
+        if n % rows:
+            continue
+        cols = n // rows
+        grid = tiles.float().reshape(rows, cols, c, s, s2).permute(2, 0, 3, 1, 4).reshape(1, c, rows * s, cols * s2)
+        small = F.adaptive_avg_pool2d(grid, (s, s2))  # (1, C, S, S)
+        err = float((small - thumb).pow(2).mean())
+        if err < best_err:
+            best, best_err = (rows, cols), err
+    assert best is not None
+    return best
+
+
+@register_adapter
+class InternVLAdapter(Adapter):
+    """InternVL 2/2.5/3 on the Hugging Face `InternVLForConditionalGeneration` class."""
+
+    supported = ("InternVLForConditionalGeneration",)
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from transformers import InternVLForConditionalGeneration
+
+        return isinstance(model, InternVLForConditionalGeneration)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.base = model.model
+        self.config = model.config
+        try:
+            self.layers = list(self.base.vision_tower.encoder.layer)
+        except AttributeError as e:
+            raise ValueError(f"vision tower {type(self.base.vision_tower).__name__} has no encoder.layer; "
+                             "vlmdrop expects InternVL's ViT") from e
+        attn = self.layers[0].attention
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
+                             "vlmdrop supports 'default' (CLS removed) only")
+        self.feature_layer = _feature_layer_index(self.config.vision_feature_layer, len(self.layers))
+        vcfg = self.config.vision_config
+        (ih, iw), (ph, pw) = vcfg.image_size, vcfg.patch_size
+        self.patch_hw = (ih // ph, iw // pw)
+        self.sources, self.local_index, self.crop_hw = self._shuffle_map()
+        self.tokens_per_tile = self.sources.shape[0]
+        self.image_token_id = self.config.image_token_id
+        pad = getattr(self.config.text_config, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else 0
+        self.capture: ClsRowCapture | None = None
+        self._encoded: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def _shuffle_map(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Source patches of each post-shuffle token (in feature order), its raster index on the
+        post-shuffle grid, and that grid's (h', w'); from the model's own `pixel_shuffle`."""
+        h, w = self.patch_hw
+        idx = torch.arange(h * w, dtype=torch.float64).reshape(1, h, w, 1)  # (1, h, w, 1) patch ids
+        shuffled = self.base.pixel_shuffle(idx, scale_factor=self.config.downsample_ratio)  # (1, h', w', k)
+        hh, ww = shuffled.shape[1], shuffled.shape[2]
+        sources = shuffled.reshape(hh * ww, -1).round().long()  # (N', k) in feature order
+        rows = (sources // w).double().mean(-1)  # (N',) mean source row
+        cols = (sources % w).double().mean(-1)  # (N',)
+        local = (rows * hh / h).floor().long() * ww + (cols * ww / w).floor().long()  # (N',) post-shuffle raster
+        if not torch.equal(local.sort().values, torch.arange(hh * ww)):
+            raise AssertionError(f"pixel_shuffle source map is not a permutation of the {hh}x{ww} grid")
+        return sources, local, (int(hh), int(ww))
+
+    # ----------------------------------------------------------- installation
+    def install(self, method: VisionMethod, handle: Any) -> _Install:
+        inst = _Install()
+        try:
+            roles = method.vit_layers(len(self.layers), self.feature_layer)
+            self.capture = ClsRowCapture({r: self.layers[i].attention for r, i in roles.items()},
+                                         num_heads=self.num_heads, scale=self.scale, q_name="q_norm", k_name="k_norm",
+                                         logit_roles=tuple(getattr(method.config, "logit_roles", ())))
+            inst.parts.append(self.capture)
+            inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
+            inst.parts.append(VisionDropEngine(self, method, handle))
+        except BaseException:
+            inst.remove()
+            raise
+        return inst
+
+    # -------------------------------------------------------------- encoding
+    def encode(self, kw: dict) -> Any:
+        """Run the model's own `get_image_features` as its forward would."""
+        return self.base.get_image_features(pixel_values=kw["pixel_values"],
+                                            vision_feature_layer=kw.get("vision_feature_layer"),
+                                            vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+                                            return_dict=True)
+
+    def _on_encoded(self, out: Any, pixel_values: torch.Tensor | None) -> None:
+        """Keep the tiles' pooled CLS rows and pixels until the forward that consumes these features."""
+        rows = self.capture.take() if self.capture is not None else {}
+        feats = out.pooler_output  # (T, N', D)
+        n_tiles = feats.shape[0]
+        pooled = {}
+        for role, r in rows.items():
+            if r.shape[0] != n_tiles:
+                raise AssertionError(f"captured {r.shape[0]} tiles for role {role!r}, features have {n_tiles}")
+            pooled[role] = self._pool(r[:, :, 1:])  # (T, H, N') CLS column dropped, 2x2 sources summed
+        self._encoded = (feats, pixel_values, pooled)
+
+    def _pool(self, rows: torch.Tensor) -> torch.Tensor:
+        """(T, H, h*w) patch scores -> (T, H, N') post-shuffle scores in raster order (sum of sources)."""
+        by_token = rows[..., self.sources.to(rows.device)].sum(-1)  # (T, H, N') feature order
+        out = torch.empty_like(by_token)
+        out[..., self.local_index.to(rows.device)] = by_token
+        return out
+
+    def split(self, enc: Any, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[ImageTokens]]:
+        """Per-image visual rows and `ImageTokens`, grouping tiles by the placeholder runs of `input_ids`."""
+        feats = enc.pooler_output
+        if self._encoded is None or self._encoded[0] is not feats:
+            raise ValueError("these image features were not encoded while vlmdrop was applied "
+                             "(pass pixel_values, or call generate, with the method applied)")
+        _, pixels, pooled = self._encoded
+        counts = self._tiles_per_image(input_ids)
+        if sum(counts) != feats.shape[0]:
+            raise ValueError(f"the placeholders describe {sum(counts)} tiles ({counts} per image) but "
+                             f"pixel_values hold {feats.shape[0]} tiles")
+        out_feats, images, start = [], [], 0
+        for n in counts:
+            out_feats.append(feats[start:start + n].reshape(n * self.tokens_per_tile, feats.shape[-1]))  # (n*N', D)
+            grid = None
+            if n > 1:
+                if pixels is None:
+                    raise ValueError("vlmdrop needs the tiles' pixel_values to recover an InternVL image's tile grid")
+                grid = infer_tile_grid(pixels[start:start + n - 1], pixels[start + n - 1])
+            images.append(self._layout(n, {r: p[start:start + n] for r, p in pooled.items()}, grid))
+            start += n
+        return out_feats, images
+
+    def _tiles_per_image(self, input_ids: torch.Tensor) -> list[int]:
+        """Tiles of each image in batch/prompt order, from the runs of image placeholders."""
+        counts = []
+        for row in (input_ids == self.image_token_id):
+            pos = row.nonzero(as_tuple=True)[0]  # (n,)
+            if pos.numel() == 0:
+                continue
+            breaks = (pos[1:] - pos[:-1] != 1).nonzero(as_tuple=True)[0] + 1
+            for run in torch.tensor_split(pos, breaks.cpu()):
+                if run.numel() % self.tokens_per_tile:
+                    raise ValueError(f"a run of {run.numel()} image placeholders is not a multiple of the "
+                                     f"{self.tokens_per_tile} tokens per tile")
+                counts.append(run.numel() // self.tokens_per_tile)
+        return counts
+
+    def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
+        new = type(enc)(**{k: v for k, v in enc.items()})
+        new.pooler_output = torch.cat(feats)[None]  # (1, n_kept_total, D): the model only needs the row count
+        return new
+
+    # ---------------------------------------------------------------- layout
+    def _layout(self, n: int, cls_attn: dict[str, torch.Tensor], grid: tuple[int, int] | None) -> ImageTokens:
+        hh, ww = self.crop_hw
+        per = self.tokens_per_tile
+        crop_of = torch.arange(n).repeat_interleave(per)  # (n*N',) tiles in processor order, thumbnail last
+        local = self.local_index.repeat(n)  # (n*N',)
+        base_region = None
+        if grid is not None:
+            base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=(0, 0, grid[0] * hh, grid[1] * ww))
+        return ImageTokens(n_before=n * per, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw, n_crops=n,
+                           cls_attn=cls_attn, base_region=base_region, base_crop=n - 1 if n > 1 else 0, grid_hw=grid)

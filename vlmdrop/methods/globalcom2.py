@@ -1,0 +1,129 @@
+"""GlobalCom2 (Liu et al., arXiv 2501.05179) as a vision-stage method, for LLaVA-NeXT and InternVL.
+
+The thumbnail (LLaVA-NeXT's base image, InternVL's last tile) guides the compression of the crops:
+each crop's retention ratio is set by the thumbnail's score summed over the crop's region (softmax with
+temperature, `base · (1 + p_i − mean p)`, clipped to 1), and inside a crop a token's score is its
+L2-normalised local score plus the L2-normalised thumbnail score bilinearly resized to the stitched
+crop grid.  The score is the official one: the **last** ViT layer's pre-softmax CLS logits q·k·scale,
+averaged over heads.  Formulas: `vlmdrop.ops.globalcom2` (with the official-code line references).
+
+vlmdrop's accounting (not the official code's): the image keeps exactly `round(budget · n_before)`
+positions; `base` is that fraction of the crop positions, the thumbnail's ratio is `base`, and the
+whole-number shares come from `crop_keep_counts(..., total=...)` (largest remainder, capped).  The
+crop → thumbnail region map is the 2-D one of `ImageTokens.base_region` (unpad-aware for LLaVA-NeXT;
+the official code cuts the thumbnail grid into equal blocks); kept thumbnail tokens stay in the
+model's order (the official code feeds them by descending score); LLaVA-NeXT newline rows are kept
+only on overflow, like every method here.  A single crop (LLaVA-1.5, a one-tile InternVL image)
+keeps its top tokens by the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
+from ..ops import globalcom2 as G
+from ..ops.hired import top_positions
+from ..registry import register_method
+from .common import resolve_layer, select_per_crop
+
+
+@dataclass(frozen=True)
+class GlobalCom2Config(MethodConfig):
+    """Parameters of GlobalCom2.
+
+    budget: fraction of each image's visual positions to keep (float in (0, 1]) or a count (int >= 1);
+        the official default retention ratio is 0.25.
+    temperature: softmax temperature of the crop retention (official default 10.0).
+    score_layer: ViT layer whose pre-softmax CLS logits (mean over heads) score tokens; -1 (the last
+        layer) as in the official code.
+    """
+
+    budget: float | int = 0.25
+    temperature: float = G.TEMPERATURE
+    score_layer: int = -1
+
+    roles = ("score",)
+    logit_roles = ("score",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t != t or t == float("inf"):
+            raise ValueError(f"temperature={t!r} must be a finite number > 0")
+        if isinstance(self.score_layer, bool) or not isinstance(self.score_layer, int):
+            raise ValueError(f"score_layer={self.score_layer!r} must be an int layer index")
+
+
+@register_method("globalcom2", GlobalCom2Config)
+class GlobalCom2(VisionMethod):
+    """GlobalCom2: thumbnail-guided crop retention, local + global token scores inside each crop."""
+
+    config: GlobalCom2Config
+
+    def vit_layers(self, num_layers: int, feature_layer: int) -> dict[str, int]:
+        return {"score": resolve_layer(self.config.score_layer, num_layers, what="score_layer")}
+
+    def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
+        score = image.cls_attn["score"].float().mean(dim=1)  # (n_crops, h*w) pre-softmax logits, mean over heads
+        h, w = image.crop_hw
+        base, subs = image.base_crop, image.sub_crops()
+        thumb = score[base]  # (h*w,) the thumbnail's score on its grid
+        boxes = _crop_boxes(image) if subs else {}
+
+        def budgets_for(total: int, caps: list[int]) -> list[int]:
+            if not subs:
+                return [total]
+            ratio = total / max(sum(caps), 1)  # the budget's fraction of the crop positions
+            sub_ratio = G.crop_retention(thumb, image.base_region, len(subs), base_ratio=ratio,
+                                         temperature=float(self.config.temperature))  # (n_sub,)
+            ratios = [0.0] * image.n_crops
+            ratios[base] = ratio
+            for j, c in enumerate(subs):
+                ratios[c] = float(sub_ratio[j])
+            return G.crop_keep_counts(caps, ratios, total=total)
+
+        def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
+            local = image.local_index[positions]  # (n,) raster index inside the crop
+            if crop == base:
+                return positions[top_positions(thumb[local], k)]
+            order = torch.argsort(local)  # raster order inside the crop
+            full_hw, rows, cols = boxes[crop]
+            s = G.crop_token_scores(score[crop][local[order]], thumb.reshape(h, w), full_hw=full_hw,
+                                    crop_rows=rows, crop_cols=cols)  # (n,) raster order
+            scores = torch.empty_like(s)
+            scores[order] = s  # back to position order
+            return positions[top_positions(scores, k)]
+
+        return select_per_crop(image, n_keep, budgets_for, pick)
+
+
+def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """For each sub-image crop: (unpadded stitched grid (H, W), its rows [r0, r1), its cols [c0, c1)).
+
+    Sub-images are `image.sub_crops()` in raster order over `image.grid_hw`; the stitched grid is the
+    bounding box of every sub-image position (LLaVA-NeXT unpadding removes whole rows or columns).
+    """
+    if image.grid_hw is None:
+        raise ValueError(f"an image with {image.n_crops} crops needs its sub-image grid (ImageTokens.grid_hw)")
+    h, w = image.crop_hw
+    gh, gw = image.grid_hw
+    subs = image.sub_crops()
+    if gh * gw != len(subs):
+        raise ValueError(f"grid {gh}x{gw} does not hold the {len(subs)} sub-images")
+    spans = {}
+    for j, c in enumerate(subs):
+        local = image.local_index[image.crop_positions(c)]  # (n,)
+        if local.numel() == 0:
+            continue
+        r = (j // gw) * h + local // w  # (n,) stitched-grid rows
+        q = (j % gw) * w + local % w  # (n,) stitched-grid cols
+        spans[c] = (int(r.min()), int(r.max()) + 1, int(q.min()), int(q.max()) + 1)
+    top = min(s[0] for s in spans.values())
+    bottom = max(s[1] for s in spans.values())
+    left = min(s[2] for s in spans.values())
+    right = max(s[3] for s in spans.values())
+    full = (bottom - top, right - left)
+    return {c: (full, (r0 - top, r1 - top), (c0 - left, c1 - left)) for c, (r0, r1, c0, c1) in spans.items()}
