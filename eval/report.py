@@ -10,6 +10,7 @@ listed below the table.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import statistics
 from pathlib import Path
@@ -53,6 +54,11 @@ def summarize(task: Task, out: Path, configs: Sequence[tuple[str, float]],
             "n": len(ok), "errors": len(errs),
             "extra": {k: v for k, v in agg.items() if k != "score"},
         }
+        sub = task.submission(ok)
+        if sub:
+            path = task_dir / f"submission-{config_key(method, budget)}.json"
+            path.write_text(json.dumps(sub), encoding="utf-8")
+            row["extra"]["submission"] = path.name
         if method == FULL:
             full_score, full_ttft = row["score"], row["ttft_ms"]
         rows.append(row)
@@ -67,6 +73,8 @@ def summarize(task: Task, out: Path, configs: Sequence[tuple[str, float]],
 def _fmt(v, nd: int = 2) -> str:
     if v is None:
         return "–"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return str(v)
@@ -144,7 +152,8 @@ def _plot(task: Task, rows: list[dict], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"score ({task.metric})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"{task.title}: score vs cost")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

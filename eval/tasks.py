@@ -108,6 +108,10 @@ class Task:
     def score(self, sample_target: Any, meta: Mapping, prediction: str) -> float | None:
         raise NotImplementedError
 
+    def submission(self, records: list[Mapping]) -> list[dict] | None:
+        """Rows of an evaluation-server submission file, for splits without public answers."""
+        return None
+
     def aggregate(self, records: list[Mapping]) -> dict:
         """``records`` are the JSONL result rows without errors. Returns ``{"score": float|None, ...}``."""
         scores = [r["score"] for r in records if r.get("score") is not None]
@@ -196,6 +200,14 @@ class VQAv2(Task):
 
     def score(self, target, meta, prediction):
         return None if not target else M.vqav2_accuracy(prediction, target)
+
+    def submission(self, records):
+        """EvalAI format as lmms-eval's ``vqav2_process_results``: the answer after the punctuation and
+        digit/article steps."""
+        if self.afile:
+            return None
+        norm = lambda a: M.process_digit_article(M.process_punctuation(a.replace("\n", " ").replace("\t", " ").strip()))
+        return [{"question_id": int(r["id"]), "answer": norm(r["answer"])} for r in records]
 
 
 class TextVQA(Task):

@@ -131,3 +131,27 @@ def test_empty_dataset_error(tmp_path):
 
     with pytest.raises(EmptyDatasetError, match="no easyvqa samples"):
         run_eval(_cfg(tmp_path, tmp_path / "ev"), generator=FakeGenerator())
+
+
+def test_vqav2_testdev_writes_submission(tmp_path):
+    from eval_fixtures import make_vqav2
+
+    data = make_vqav2(tmp_path / "vqa")
+    run_eval(_cfg(tmp_path, data, tasks=["vqav2_testdev"], methods=["hired"], budgets=[0.5]),
+             generator=FakeGenerator(default="Two."))
+    d = tmp_path / "out" / "vqav2_testdev"
+    assert json.loads((d / "submission-hired@0.5.json").read_text()) == [{"question_id": 30, "answer": "2"}]
+    assert "| full | 1 | – |" in (d / "report.md").read_text()
+
+
+def test_project_cli_mounts_eval(tmp_path, capsys):
+    from vlmdrop.cli import main
+
+    data = make_easyvqa(tmp_path / "ev")
+    rc = main(["eval", "--model", "py:eval_fixtures:FakeGenerator", "--task", "easyvqa", "--data", str(data),
+               "--method", "hired,random", "--budget", "0.1,0.2", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| random | 0.2 |" in out
+    with pytest.raises(SystemExit):
+        main(["eval", "--task", "easyvqa", "--budget", "1.5", "--out", str(tmp_path / "o2")])
