@@ -393,7 +393,8 @@ def _data_dir_for(data: str | None, task: Task) -> str | None:
 def _check_run_meta(out: Path, cfg: EvalConfig, dist: _Dist) -> None:
     if not dist.main:  # the main process checks and writes; the others wait at the barrier
         return
-    meta = {"model": cfg.model or "<default>", "data": cfg.data, "max_new_tokens": cfg.max_new_tokens}
+    data = str(Path(cfg.data).resolve()) if cfg.data else None
+    meta = {"model": cfg.model or "<default>", "data": data, "max_new_tokens": cfg.max_new_tokens}
     path = out / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
