@@ -412,6 +412,15 @@ def load_image(image: Any) -> Any:
 
     if image is None:
         raise ValueError("sample has no image")
+    if isinstance(image, dict):  # a `datasets` Image feature kept encoded: {"bytes", "path"}
+        if image.get("bytes"):
+            import io
+
+            with Image.open(io.BytesIO(image["bytes"])) as im:
+                return im.convert("RGB")
+        image = image.get("path")
+        if not image:
+            raise ValueError("sample has no image")
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"missing image {image}")

@@ -98,8 +98,13 @@ class Task:
             if split is None:
                 raise ValueError(f"{self.name}: {root} has splits {list(ds)}; expected one of {self.hf_splits}")
             ds = ds[split]
-        for i, row in enumerate(ds):
-            yield _guard(i, lambda: self.from_row(row, i))
+        # keep images encoded: decoded lazily, one batch at a time, and a corrupt one is a
+        # per-sample error instead of a crash while loading
+        for col, feat in ds.features.items():
+            if isinstance(feat, datasets.Image):
+                ds = ds.cast_column(col, datasets.Image(decode=False))
+        for i in range(len(ds)):
+            yield _guard(i, lambda: self.from_row(ds[i], i))
 
     def from_row(self, row: Mapping, idx: int) -> Sample:
         raise NotImplementedError

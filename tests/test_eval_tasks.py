@@ -89,7 +89,9 @@ def test_hf_save_to_disk_folder(tmp_path):
     datasets.DatasetDict({"random": ds}).save_to_disk(str(tmp_path / "pope"))
     items = get_task("pope_random").load(tmp_path / "pope")
     assert [s.id for s in items] == ["a", "b"] and items[1].target == "no"
-    assert items[0].image.size == (20, 20)
+    from vlmdrop.eval.runner import load_image
+
+    assert load_image(items[0].image).size == (20, 20)  # kept encoded until used
 
     vqa = datasets.Dataset.from_dict({
         "question_id": [1], "question": ["q?"], "image": [im],
@@ -128,3 +130,32 @@ def test_easyvqa_builtin_data():
     pytest.importorskip("easy_vqa")
     items = get_task("easyvqa").load(None, limit=5)
     assert len(items) == 5 and all(s.image.is_file() for s in items)
+
+
+def test_hf_folder_with_corrupt_image_is_a_sample_error(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from eval_fixtures import FakeGenerator
+
+    from vlmdrop.eval.runner import EvalConfig, read_jsonl, run_eval
+
+    ds = datasets.Dataset.from_dict({
+        "question_id": ["a", "b", "c"], "question": ["Is there a dog?"] * 3, "answer": ["yes", "no", "yes"],
+        "category": ["x"] * 3,
+        "image": [{"bytes": _png_bytes(), "path": None}, {"bytes": b"garbage", "path": None}, None],
+    }).cast_column("image", datasets.Image(decode=False))
+    ds.save_to_disk(str(tmp_path / "pope"))
+    run_eval(EvalConfig(tasks=["pope_random"], out=str(tmp_path / "out"), methods=["hired"], budgets=[0.5],
+                        data=str(tmp_path / "pope"), progress=False), generator=FakeGenerator(default="yes"))
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "pope_random" / "full@1.part0.jsonl")}
+    assert rows["a"]["error"] is None and rows["a"]["score"] == 1.0
+    assert rows["b"]["error"].startswith("image:") and rows["c"]["error"] == "image: ValueError: sample has no image"
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, format="PNG")
+    return buf.getvalue()
