@@ -104,7 +104,9 @@ class Task:
             if isinstance(feat, datasets.Image):
                 ds = ds.cast_column(col, datasets.Image(decode=False))
         for i in range(len(ds)):
-            yield _guard(i, lambda: self.from_row(ds[i], i))
+            item = _guard(i, lambda: self.from_row(ds[i], i))
+            if item is not None:  # from_row returns None for rows of another subset
+                yield item
 
     def from_row(self, row: Mapping, idx: int) -> Sample:
         raise NotImplementedError
@@ -125,7 +127,7 @@ class Task:
         return {"score": self.scale * statistics.mean(scores)}
 
 
-def _guard(idx: int, make: Callable[[], Sample], rid: str | None = None) -> Sample | BadRecord:
+def _guard(idx: int, make: Callable[[], Sample | None], rid: str | None = None) -> Sample | BadRecord | None:
     try:
         return make()
     except Exception as e:  # a malformed record must not stop the run
@@ -303,6 +305,9 @@ class POPE(Task):
                 yield _guard(i, make, rid=f"line-{i + 1}")
 
     def from_row(self, row, idx):
+        # lmms-lab/POPE's default config has one "test" split with a `category` column
+        if row.get("category") in ("random", "popular", "adversarial") and row["category"] != self.split:
+            return None
         q = row["question"].strip()
         return Sample(str(row["question_id"]), q, q + SHORT_ANSWER, row["image"], row["answer"].lower().strip())
 

@@ -155,3 +155,13 @@ def test_project_cli_mounts_eval(tmp_path, capsys):
     assert "| random | 0.2 |" in out
     with pytest.raises(SystemExit):
         main(["eval", "--task", "easyvqa", "--budget", "1.5", "--out", str(tmp_path / "o2")])
+
+
+def test_read_jsonl_repairs(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"id": "1"}\nnot json\n{"id": "2"}\n{"id": "3", "ans')
+    assert [r["id"] for r in read_jsonl(p, repair=True)] == ["1", "2"]
+    assert p.read_text() == '{"id": "1"}\nnot json\n{"id": "2"}\n'  # torn tail cut, middle line kept
+    p.write_text('{"id": "1"}')  # complete line without its newline
+    assert [r["id"] for r in read_jsonl(p, repair=True)] == ["1"]
+    assert p.read_text() == '{"id": "1"}\n'

@@ -93,6 +93,15 @@ def test_hf_save_to_disk_folder(tmp_path):
 
     assert load_image(items[0].image).size == (20, 20)  # kept encoded until used
 
+    # lmms-lab/POPE default layout: one "test" split, the subset in `category`
+    mixed = datasets.Dataset.from_dict({
+        "question_id": ["a", "b", "c"], "question": ["q?"] * 3, "answer": ["yes", "no", "yes"],
+        "category": ["random", "adversarial", "random"], "image": [im] * 3,
+    }).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"test": mixed}).save_to_disk(str(tmp_path / "pope_mixed"))
+    assert [s.id for s in get_task("pope_random").load(tmp_path / "pope_mixed")] == ["a", "c"]
+    assert [s.id for s in get_task("pope_adversarial").load(tmp_path / "pope_mixed")] == ["b"]
+
     vqa = datasets.Dataset.from_dict({
         "question_id": [1], "question": ["q?"], "image": [im],
         "answers": [[{"answer": "red", "answer_confidence": "yes", "answer_id": k} for k in range(10)]],
