@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
 from .base import Adapter, register_adapter
 from .engine import VisionDropEngine
+from .llm_stage import LLMStageSpans
 from .vision_capture import ClsRowCapture
 
 
@@ -85,6 +86,7 @@ class LlavaAdapter(Adapter):
     """LLaVA-1.5 and LLaVA-NeXT on the Hugging Face classes."""
 
     supported = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+    supports_llm_stage = True
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -120,16 +122,25 @@ class LlavaAdapter(Adapter):
         self.capture: ClsRowCapture | None = None
 
     # ----------------------------------------------------------- installation
-    def install(self, method: VisionMethod, handle: Any) -> _Install:
+    def install(self, method: VisionMethod | LLMMethod, handle: Any, *, llm: LLMMethod | None = None) -> _Install:
+        """Install `method` (vision or LLM stage); `llm` stacks an LLM-stage method after a vision one."""
+        vision = None if isinstance(method, LLMMethod) else method
+        llm = method if isinstance(method, LLMMethod) else llm
         inst = _Install()
         try:
-            roles = method.vit_layers(len(self.layers), self.feature_layer)
-            self.capture = ClsRowCapture({r: self.layers[i].self_attn for r, i in roles.items()},
-                                         num_heads=self.num_heads, scale=self.scale,
-                                         logit_roles=tuple(getattr(method.config, "logit_roles", ())))
-            inst.parts.append(self.capture)
-            inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
-            inst.parts.append(VisionDropEngine(self, method, handle))
+            if vision is not None:
+                roles = vision.vit_layers(len(self.layers), self.feature_layer)
+                self.capture = ClsRowCapture({r: self.layers[i].self_attn for r, i in roles.items()},
+                                             num_heads=self.num_heads, scale=self.scale,
+                                             logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
+                inst.parts.append(self.capture)
+                inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
+                inst.parts.append(VisionDropEngine(self, vision, handle))
+            if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
+                lm = self.base.language_model
+                inst.parts.append(LLMStageSpans(self, llm, handle, language_model=lm, layers=list(lm.layers),
+                                                rotary_emb=lm.rotary_emb, config=lm.config,
+                                                vision_stage=vision is not None))
         except BaseException:
             inst.remove()
             raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -22,7 +22,7 @@ _ATTR = "_vlmdrop_handle"
 class DropHandle:
     """What `apply` put on a model.  `stats` describes the last prefill; `remove()` undoes everything."""
 
-    def __init__(self, model: nn.Module, method: str, config: MethodConfig) -> None:
+    def __init__(self, model: nn.Module, method: str, config: MethodConfig | tuple[MethodConfig, ...]) -> None:
         self.model = model
         self.method = method
         self.config = config
@@ -61,13 +61,45 @@ def methods() -> list[str]:
     return method_names()
 
 
-def apply(model: nn.Module, method: str, **params: Any) -> DropHandle:
+def _resolve(method: str | Sequence[str], params: dict[str, Any]) -> list[tuple[str, MethodConfig]]:
+    """(name, validated config) per method: one name with its parameters, or a list of names (at most
+    one vision-stage and one LLM-stage method) with each method's parameters under its name."""
+    if isinstance(method, str):
+        get_method(method)
+        return [(method, build_config(method, params))]
+    if not isinstance(method, (list, tuple)) or not 1 <= len(method) <= 2 or not all(isinstance(m, str) for m in method):
+        raise ValueError(f"method={method!r}: give a method name, or a list of one vision-stage and one LLM-stage "
+                         f"method name, e.g. ['hired', 'fastv']; valid methods: {', '.join(method_names())}")
+    for name in method:
+        get_method(name)
+    if len(set(method)) != len(method):
+        raise ValueError(f"method={list(method)!r} names a method twice")
+    unknown = sorted(set(params) - set(method))
+    if unknown:
+        raise ValueError(f"with a list of methods, pass each method's parameters as a dict under its name "
+                         f"(e.g. {method[0]}={{...}}); got unexpected keyword(s) {unknown}")
+    out = []
+    for name in method:
+        p = params.get(name, {})
+        if not isinstance(p, dict):
+            raise ValueError(f"{name}={p!r}: the parameters of {name!r} must be a dict")
+        out.append((name, build_config(name, p)))
+    stages = [cfg.stage for _, cfg in out]
+    if len(out) == 2 and sorted(stages) != ["llm", "vision"]:
+        raise ValueError(f"method={list(method)!r} are all {stages[0]}-stage methods; stack one vision-stage "
+                         "method with one LLM-stage method")
+    return sorted(out, key=lambda nc: nc[1].stage != "vision")  # vision stage first
+
+
+def apply(model: nn.Module, method: str | Sequence[str], **params: Any) -> DropHandle:
     """Make `model` drop visual tokens with `method`, in place; returns a `DropHandle`.
 
     Args:
         model: a supported Hugging Face VLM (see `vlmdrop.adapters.supported_classes()`).
-        method: a name from `vlmdrop.methods()`.
-        **params: the method's parameters (its config dataclass fields), e.g. `budget=0.2`.
+        method: a name from `vlmdrop.methods()`, or a list stacking one vision-stage and one LLM-stage
+            method, e.g. `["hired", "fastv"]`.
+        **params: the method's parameters (its config dataclass fields), e.g. `budget=0.2`; with a list,
+            one dict per method under its name, e.g. `hired={"budget": 0.4}, fastv={"keep": 0.5}`.
 
     Raises:
         ValueError: unknown method or parameter, invalid value, unsupported model, or a model that
@@ -75,8 +107,7 @@ def apply(model: nn.Module, method: str, **params: Any) -> DropHandle:
     """
     from vlmdrop.adapters import adapter_for
 
-    reg = get_method(method)
-    config = build_config(method, params)
+    resolved = _resolve(method, params)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     existing = model.__dict__.get(_ATTR)
@@ -84,15 +115,23 @@ def apply(model: nn.Module, method: str, **params: Any) -> DropHandle:
         raise ValueError(f"{type(model).__name__} already has vlmdrop method {existing.method!r} applied; "
                          "call handle.remove() first")
     adapter = adapter_for(model)
-    handle = DropHandle(model, method, config)
-    handle._install = adapter.install(reg.method(config), handle)
+    if any(cfg.stage == "llm" for _, cfg in resolved) and not getattr(adapter, "supports_llm_stage", False):
+        raise ValueError(f"the {type(model).__name__} adapter does not support LLM-stage methods yet")
+    name = "+".join(n for n, _ in resolved)
+    config = resolved[0][1] if len(resolved) == 1 else tuple(cfg for _, cfg in resolved)
+    handle = DropHandle(model, name, config)
+    runners = [get_method(n).method(cfg) for n, cfg in resolved]
+    if len(runners) == 1:
+        handle._install = adapter.install(runners[0], handle)
+    else:
+        handle._install = adapter.install(runners[0], handle, llm=runners[1])
     model.__dict__[_ATTR] = handle
     logger.debug("applied %s to %s", config, type(model).__name__)
     return handle
 
 
 @contextlib.contextmanager
-def dropping(model: nn.Module, method: str, **params: Any) -> Iterator[DropHandle]:
+def dropping(model: nn.Module, method: str | Sequence[str], **params: Any) -> Iterator[DropHandle]:
     """Context manager form of `apply`: the method is removed on exit, also on exceptions."""
     handle = apply(model, method, **params)
     try:

@@ -125,8 +125,41 @@ class VisionMethod:
         raise NotImplementedError
 
 
+class LLMMethod:
+    """A method that drops image tokens inside the language model's prefill (FastV, PyramidDrop).
+
+    The engine (`vlmdrop.adapters.llm_stage`) asks it where to drop (`drop_layers`), how many tokens
+    of an image survive each drop (`n_keep`), and which (`select`); the scores are the attention the
+    last prompt token pays each key in the layer just before the drop, averaged over heads.
+    """
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    @property
+    def positions(self) -> str:
+        """`"original"` (kept tokens keep their RoPE positions) or `"compact"` (renumbered contiguously)."""
+        return getattr(self.config, "positions", "original")
+
+    def drop_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers (0-based, ascending) at whose input tokens are removed; validated against
+        `num_layers`, with ValueErrors that name the offending value."""
+        raise NotImplementedError
+
+    def n_keep(self, stage: int, n_before: int, n_present: int) -> int:
+        """Tokens of an image kept at drop `stage` (0-based), out of `n_present` still there; `n_before`
+        is the image's token count when it entered the language model."""
+        raise NotImplementedError
+
+    def select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """(n_present,) scores of an image's present tokens -> (n_keep,) ascending indices to keep."""
+        from .ops.llm_scores import top_tokens
+
+        return top_tokens(scores, n_keep)
+
+
 @dataclass
 class _Registered:
     config: type[MethodConfig]
-    method: type[VisionMethod]
+    method: type  # VisionMethod or LLMMethod subclass
     doc: str = field(default="")

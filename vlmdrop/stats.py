@@ -19,7 +19,9 @@ class ImageStats:
         crop_budgets: tokens allotted per crop, in the order the model receives the crops (LLaVA-NeXT: base
             image first; InternVL: tiles, thumbnail last).
         crop_kept: tokens kept per crop, same order.
-        method: the method that made the selection.
+        method: the method that made the selection ("hired+fastv" when a vision and an LLM stage are stacked).
+        layer_tokens: LLM-stage methods only: the image's tokens present in each decoder layer (one int per
+            layer); empty for vision-stage methods.
     """
 
     sample: int
@@ -29,6 +31,7 @@ class ImageStats:
     crop_budgets: list[int]
     crop_kept: list[int]
     method: str = ""
+    layer_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass

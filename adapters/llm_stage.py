@@ -1,0 +1,487 @@
+"""LLM prefill-stage dropping (FastV, PyramidDrop) with decoder-layer hooks.
+
+What the engine needs from a model, and nothing more: the language model module (a Llama-style
+decoder stack called with a 2-D `attention_mask`), its decoder layers, its rotary embedding, its
+text config, and — per prefill, from the adapter — where each image's tokens sit in the sequence
+(`ImageSpan`).  Any adapter (LLaVA, LLaVA-NeXT, InternVL, ...) plugs in by calling
+`LLMStageEngine.begin_prefill(spans, base_stats)` right before the language model runs.
+
+Per drop layer K (one for FastV, one per stage boundary for PyramidDrop):
+
+* scores — forward hooks on `q_proj` / `k_proj` of layer K−1's attention and a pre-hook on that
+  attention (for the `position_embeddings` it received) give the last prompt token's attention row,
+  mean over heads (`vlmdrop.ops.llm_scores`); the same under eager, sdpa and flash attention.
+* drop — a pre-hook on decoder layer K gathers the kept rows of `hidden_states`, re-pads rows of
+  unequal length on the left, and hands layers ≥ K their own `attention_mask` (built by the
+  installed transformers' `create_causal_mask`, sized against layer K's cache), `position_ids` and
+  `position_embeddings` ("original": the kept tokens' own positions; "compact": renumbered).
+* output — a forward hook on the last decoder layer scatters the surviving rows back into the
+  full-length sequence, so logits keep the length of the sequence the language model received;
+  a dropped position carries the hidden state it had when it was dropped (meaningless logits there).
+* decode — the cache of layers ≥ K simply holds fewer rows; at every later step on that cache the
+  pre-hooks give layers ≥ K a mask (and, for "compact", positions) that match their own cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmdrop.interface import LLMMethod
+from vlmdrop.ops.compact import compact_positions, plan_compaction
+from vlmdrop.ops.llm_scores import last_token_attention
+from vlmdrop.stats import ImageStats
+
+logger = logging.getLogger("vlmdrop")
+
+
+@dataclass
+class ImageSpan:
+    """One image's tokens in the sequence the language model receives.
+
+    Attributes:
+        sample: batch row.
+        positions: (n,) ascending sequence positions of the image's tokens.
+    """
+
+    sample: int
+    positions: torch.Tensor
+
+
+@dataclass
+class _Stage:
+    """The sequence layers ≥ `layer` see after a drop (all indices in the prefill's coordinates)."""
+
+    layer: int
+    src: torch.Tensor  # (B, L_s) prefill position held by each slot
+    valid: torch.Tensor  # (B, L_s) False for slots of new left padding
+    prefix_mask: torch.Tensor  # (B, L_s) bool 2-D mask of the slots
+    removed: torch.Tensor  # (B,) positions removed from each row so far
+    where: torch.Tensor  # (B, L) slot of each prefill position, -1 when dropped
+    positions: torch.Tensor | None = None  # (B, L_s) prefill positions of the slots ("compact": renumbered)
+
+
+@dataclass
+class _Decode:
+    orig_len: int
+    stages: list[_Stage]
+
+
+@dataclass
+class _Image:
+    span: ImageSpan
+    base: ImageStats
+    present: torch.Tensor  # (n_present,) indices into the span that are still in the sequence
+    layer_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Forward:
+    """State of one language-model forward."""
+
+    mode: str  # "prefill" or "decode"
+    cache: Any
+    mask2d: torch.Tensor | None  # prefill: (B, L) bool; decode: the caller's (B, L + t) mask or None
+    length: int = 0  # prefill L
+    images: list[_Image] = field(default_factory=list)
+    stages: list[_Stage] = field(default_factory=list)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # drop layer -> (B, L_prev) scores
+    pos_emb: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    q: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_kwargs: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)  # stage -> (mask, pos, emb)
+    full: torch.Tensor | None = None  # (B, L, D) re-expansion buffer
+    current: int = -1  # index into `stages` of the stage the running layer belongs to
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
+class LLMStageEngine:
+    """Runs one LLM-stage method on a decoder stack.
+
+    Args:
+        language_model: the decoder stack (called with `attention_mask`, `cache`, `inputs_embeds`).
+        layers: its decoder layers, in order; each has `self_attn` with `q_proj`, `k_proj`, `scaling`.
+        rotary_emb: the module mapping `(x, position_ids)` to `(cos, sin)`.
+        config: the text config (`num_attention_heads`, `num_key_value_heads`, `_attn_implementation`).
+        method: the `LLMMethod`.
+        on_stats: called with the per-image stats at the end of every prefill.
+    """
+
+    def __init__(self, *, language_model: nn.Module, layers: list[nn.Module], rotary_emb: nn.Module, config: Any,
+                 method: LLMMethod, on_stats: Callable[[list[ImageStats]], None]) -> None:
+        self.lm, self.layers, self.rotary_emb, self.config = language_model, list(layers), rotary_emb, config
+        self.method, self.on_stats = method, on_stats
+        self.num_layers = len(self.layers)
+        self.drop_layers = method.drop_layers(self.num_layers)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._pending: tuple[list[ImageSpan], list[ImageStats]] | None = None
+        self._fwd: _Forward | None = None
+        self._handles: list[Any] = []
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    # ------------------------------------------------------------ installation
+    def _install(self) -> None:
+        h = self._handles
+        h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        h.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
+        for k in self.drop_layers:
+            attn = getattr(self.layers[k - 1], "self_attn", None)
+            for proj in ("q_proj", "k_proj"):
+                if not isinstance(getattr(attn, proj, None), nn.Module):
+                    raise ValueError(f"decoder layer {k - 1} ({type(self.layers[k - 1]).__name__}) has no self_attn.{proj}; "
+                                     "vlmdrop scores LLM layers from their q_proj/k_proj outputs")
+            h.append(attn.register_forward_pre_hook(self._attn_pre(k), with_kwargs=True))
+            h.append(attn.q_proj.register_forward_hook(self._q_hook(k)))
+            h.append(attn.k_proj.register_forward_hook(self._k_hook(k, attn)))
+        for i in range(self.drop_layers[0], self.num_layers):
+            h.append(self.layers[i].register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+        h.append(self.layers[-1].register_forward_hook(self._last_post))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._states = weakref.WeakKeyDictionary()
+        self._pending = None
+        self._fwd = None
+
+    def begin_prefill(self, spans: list[ImageSpan], base: list[ImageStats]) -> None:
+        """Called by the adapter before a language-model forward that carries images: one span and one
+        stats record (what the vision stage, if any, kept; `kept_indices` into `n_before`) per image."""
+        if len(spans) != len(base):
+            raise AssertionError(f"{len(spans)} image spans but {len(base)} stats records")
+        self._pending = (spans, base)
+
+    # ------------------------------------------------------- language model
+    def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pending, self._pending = self._pending, None
+        self._fwd = None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"vlmdrop LLM-stage methods need a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        if pending is not None and any(s.positions.numel() for s in pending[0]):
+            if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+                raise ValueError("vlmdrop: images in a forward that continues a non-empty cache are not supported")
+            b, length = x.shape[0], x.shape[1]
+            mask2d = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=x.device)
+            self._fwd = self._start_prefill(pending, mask2d, cache)
+            return
+        if cache is not None:
+            try:
+                state = self._states.get(cache)
+            except TypeError:
+                state = None
+            if state is not None:
+                self._fwd = _Forward(mode="decode", cache=cache, mask2d=mask, stages=state.stages,
+                                     length=state.orig_len)
+
+    def _start_prefill(self, pending: tuple[list[ImageSpan], list[ImageStats]], mask2d: torch.Tensor,
+                       cache: Any) -> _Forward:
+        spans, base = pending
+        b, length = mask2d.shape
+        last = self._last_index(mask2d)  # (B,)
+        images = []
+        for span, st in zip(spans, base):
+            pos = span.positions.to(mask2d.device)
+            if pos.numel() and bool((pos == last[span.sample]).any()):
+                raise ValueError(f"sample {span.sample}: the last prompt token (position {int(last[span.sample])}) is "
+                                 "an image token; LLM-stage methods rank image tokens by the last prompt token's "
+                                 "attention, so the prompt must end with text")
+            images.append(_Image(span=span, base=st, present=torch.arange(pos.numel(), device=mask2d.device)))
+        return _Forward(mode="prefill", cache=cache, mask2d=mask2d, length=length, images=images)
+
+    @staticmethod
+    def _last_index(mask2d: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool -> (B,) position of the last True (the last prompt token of each row)."""
+        n = mask2d.shape[1]
+        idx = torch.arange(n, device=mask2d.device).expand_as(mask2d)
+        return torch.where(mask2d, idx, -1).max(dim=1).values.clamp(min=0)
+
+    def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        fwd, self._fwd = self._fwd, None
+        if fwd is None or fwd.mode != "prefill":
+            return
+        stats = []
+        for im in fwd.images:
+            while len(im.layer_tokens) < self.num_layers:
+                im.layer_tokens.append(int(im.present.numel()))
+            st = im.base
+            kept = st.kept_indices[im.present.to(st.kept_indices.device)]
+            name = f"{st.method}+{self.method.config.name}" if st.method else self.method.config.name
+            stats.append(ImageStats(sample=st.sample, n_before=st.n_before, n_kept=int(kept.numel()),
+                                    kept_indices=kept, crop_budgets=list(st.crop_budgets),
+                                    crop_kept=list(st.crop_kept), method=name, layer_tokens=list(im.layer_tokens)))
+        self.on_stats(stats)
+        cache = getattr(output, "cache", None)
+        if cache is None and isinstance(output, dict):
+            cache = output.get("past_key_values")
+        if cache is not None and fwd.stages:
+            self._states[cache] = _Decode(orig_len=fwd.length, stages=fwd.stages)
+
+    # --------------------------------------------------------------- scoring
+    def _attn_pre(self, k: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            fwd = self._fwd
+            if fwd is not None and fwd.mode == "prefill":
+                emb = kwargs.get("position_embeddings")
+                if emb is None:
+                    raise ValueError(f"decoder layer {k - 1}'s attention received no position_embeddings; "
+                                     "vlmdrop supports RoPE decoders that pass (cos, sin) to every layer")
+                fwd.pos_emb[k] = emb
+
+        return hook
+
+    def _q_hook(self, k: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            fwd = self._fwd
+            if fwd is not None and fwd.mode == "prefill":
+                fwd.q[k] = out.detach()  # (B, L_prev, H*D)
+
+        return hook
+
+    def _k_hook(self, k: int, attn: nn.Module):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            fwd = self._fwd
+            if fwd is None or fwd.mode != "prefill" or k not in fwd.q:
+                return
+            q = fwd.q.pop(k)
+            key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
+            last = self._last_index(key_mask)  # (B,)
+            causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
+            cos, sin = fwd.pos_emb.pop(k)
+            fwd.scores[k] = last_token_attention(
+                q, out.detach(), cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
+                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=float(attn.scaling),
+                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))  # (B, L_prev)
+
+        return hook
+
+    # ------------------------------------------------------------ the drops
+    def _layer_pre(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            fwd = self._fwd
+            if fwd is None:
+                return None
+            if fwd.mode == "prefill" and i in self.drop_layers:
+                args, kwargs = self._drop(fwd, i, args, kwargs)
+            stage = self._stage_of(fwd, i)
+            if stage < 0:
+                return args, kwargs
+            if stage not in fwd.layer_kwargs:
+                fwd.layer_kwargs[stage] = self._stage_kwargs(fwd, fwd.stages[stage], _hidden_from(args, kwargs), kwargs)
+            mask, pos, emb = fwd.layer_kwargs[stage]
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = mask
+            if pos is not None:
+                kwargs["position_ids"] = pos
+                kwargs["position_embeddings"] = emb
+            return args, kwargs
+
+        return hook
+
+    @staticmethod
+    def _stage_of(fwd: _Forward, i: int) -> int:
+        s = -1
+        for j, st in enumerate(fwd.stages):
+            if st.layer <= i:
+                s = j
+        return s
+
+    def _drop(self, fwd: _Forward, k: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Remove the image tokens the method drops at layer k from `hidden_states`."""
+        hidden = _hidden_from(args, kwargs)  # (B, L_prev, D)
+        scores = fwd.scores.pop(k, None)
+        stage_idx = self.drop_layers.index(k)
+        prev = fwd.stages[-1] if fwd.stages else None
+        b, length = fwd.mask2d.shape
+        device = hidden.device  # layers may sit on different devices (device_map): work on this layer's
+        alive = prev.where.to(device) >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+        alive = alive.clone()  # (B, L) prefill positions still in the sequence
+        if scores is None:
+            raise AssertionError(f"no scores were captured in layer {k - 1} for the drop at layer {k}")
+        where_prev = prev.where.to(device) if prev is not None else torch.arange(length, device=device).expand(b, length)
+        changed = False
+        for im in fwd.images:
+            im.layer_tokens.extend([int(im.present.numel())] * (k - len(im.layer_tokens)))
+            n_present = int(im.present.numel())
+            if n_present == 0:
+                continue
+            n_keep = self.method.n_keep(stage_idx, int(im.span.positions.numel()), n_present)
+            if n_keep >= n_present:
+                continue
+            pos = im.span.positions.to(device)[im.present]  # (n_present,) prefill positions
+            s = scores[im.span.sample, where_prev[im.span.sample, pos]]  # (n_present,)
+            keep = self.method.select(s, n_keep).to(device)  # (n_keep,) indices into present
+            gone = torch.ones(n_present, dtype=torch.bool, device=device)
+            gone[keep] = False
+            alive[im.span.sample, pos[gone]] = False
+            im.present = im.present[keep]
+            changed = True
+        if not changed:
+            return args, kwargs
+        # Keep every row as it was when dropped, for the final re-expansion to full length.
+        if prev is None:
+            fwd.full = hidden  # (B, L, D)
+        else:
+            fwd.full = self._scatter_back(fwd.full, prev, hidden)
+        plan = plan_compaction(alive)
+        src, valid = plan.src.to(device), plan.valid.to(device)  # (B, L_s)
+        where = torch.full((b, length), -1, dtype=torch.long, device=device)
+        rows = torch.arange(b, device=device)[:, None].expand_as(src)
+        where[rows[valid], src[valid]] = torch.arange(src.shape[1], device=device).expand_as(src)[valid]
+        from_prev = where_prev.gather(1, src).clamp(min=0)  # (B, L_s) rows of `hidden` to take
+        new_hidden = hidden.gather(1, from_prev[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L_s, D)
+        prefix_mask = valid & fwd.mask2d.to(device).gather(1, src)  # (B, L_s)
+        stage = _Stage(layer=k, src=src, valid=valid, prefix_mask=prefix_mask, removed=plan.removed.to(device),
+                       where=where)
+        pos_ids = kwargs.get("position_ids")
+        if pos_ids is None:
+            pos_ids = torch.arange(length, device=device)[None]
+        if self.method.positions == "compact":
+            stage.positions = compact_positions(pos_ids, plan).to(device)  # (B, L_s)
+        else:
+            stage.positions = pos_ids.expand(b, -1).gather(1, src).masked_fill(~valid, 0)  # (B, L_s)
+        fwd.stages.append(stage)
+        return _with_hidden(args, kwargs, new_hidden)
+
+    @staticmethod
+    def _scatter_back(full: torch.Tensor, stage: _Stage, hidden: torch.Tensor) -> torch.Tensor:
+        """`full` (B, L, D) with the slots of `stage` (`hidden`, (B, L_s, D)) written at their prefill positions."""
+        src, v = stage.src.to(hidden.device), stage.valid.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(src)  # (B, L_s)
+        return full.to(device=hidden.device, dtype=hidden.dtype).index_put((rows[v], src[v]), hidden[v])
+
+    def _stage_kwargs(self, fwd: _Forward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
+        """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; positions None
+        when the layers keep the ones they receive."""
+        from transformers.masking_utils import create_causal_mask
+
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if fwd.mode == "prefill":
+            mask2d = stage.prefix_mask
+            pos = stage.positions
+        else:
+            q_len = hidden.shape[1]
+            past = int(cache.get_seq_length(stage.layer)) if cache is not None else 0
+            tail = past - stage.prefix_mask.shape[1] + q_len
+            caller = fwd.mask2d
+            if caller is None:
+                tail_mask = torch.ones(hidden.shape[0], tail, dtype=torch.bool, device=hidden.device)
+            else:
+                if caller.shape[1] != fwd.length + tail:
+                    raise ValueError(f"attention_mask has shape {tuple(caller.shape)} but this decode step expects "
+                                     f"(batch, {fwd.length + tail}) = prefill length {fwd.length} + {tail} new tokens")
+                tail_mask = caller[:, fwd.length:].bool()
+            mask2d = torch.cat([stage.prefix_mask, tail_mask.to(stage.prefix_mask.device)], dim=1)
+            pos = None
+            if self.method.positions == "compact":
+                pos_ids = kwargs["position_ids"]  # (B or 1, q) the caller's positions
+                pos = pos_ids - stage.removed.to(pos_ids.device)[:, None]  # (B, q)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache,
+                                  position_ids=pos, layer_idx=stage.layer)
+        emb = self.rotary_emb(hidden, pos) if pos is not None else None
+        return mask, pos, emb
+
+    # ---------------------------------------------------------------- output
+    def _last_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        fwd = self._fwd
+        if fwd is None or fwd.mode != "prefill" or not fwd.stages:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
+        full = self._scatter_back(fwd.full, fwd.stages[-1], hidden)  # (B, L, D)
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+
+class LLMStageSpans:
+    """Top-level glue for models whose images fill `<image>` placeholders of `input_ids`.
+
+    A forward pre-hook on the top-level model, registered after any vision-stage engine (so it sees
+    the compacted `input_ids`), finds each image's placeholders — the images' rows in order, matched to
+    the placeholders in raster order — and hands them to an `LLMStageEngine`.  A plain `model(**inputs)`
+    call carries `pixel_values`: the images are encoded here once with the model's own
+    `get_image_features` (`adapter.encode`) and passed on as `mm_encoder_outputs`, as `generate` does.
+
+    The adapter supplies `encode(kwargs)` and `image_token_id`.
+    """
+
+    def __init__(self, adapter: Any, method: LLMMethod, handle: Any, *, language_model: nn.Module,
+                 layers: list[nn.Module], rotary_emb: nn.Module, config: Any, vision_stage: bool) -> None:
+        import inspect
+
+        from vlmdrop.stats import DropStats
+
+        self.adapter, self.handle, self.vision_stage = adapter, handle, vision_stage
+        self.model: nn.Module = adapter.model
+        self._signature = inspect.signature(self.model.forward)
+        self.engine = LLMStageEngine(language_model=language_model, layers=layers, rotary_emb=rotary_emb,
+                                     config=config, method=method,
+                                     on_stats=lambda images: handle._set_stats(DropStats(images=images)))
+        self._handle = self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.engine.remove()
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        bound = self._signature.bind_partial(*args, **kwargs)
+        kw = dict(bound.arguments)
+        extra = kw.pop("kwargs", None)
+        if isinstance(extra, dict):
+            kw.update(extra)
+        mm = kw.get("mm_encoder_outputs") or {}
+        if kw.get("pixel_values") is None and mm.get("image") is None:
+            return None
+        changed = False
+        if kw.get("pixel_values") is not None:
+            enc = self.adapter.encode(kw)
+            kw["pixel_values"] = None
+            kw["mm_encoder_outputs"] = {**mm, "image": enc}
+            changed = True
+        feats = list(kw["mm_encoder_outputs"]["image"].pooler_output)
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vlmdrop needs input_ids (with image placeholders) when images are passed; "
+                             "inputs_embeds with images is not supported")
+        rows, cols = (input_ids == self.adapter.image_token_id).nonzero(as_tuple=True)
+        counts = [int(f.shape[0]) for f in feats]
+        if rows.numel() != sum(counts):
+            raise ValueError(f"the input has {rows.numel()} image placeholders but the images give {sum(counts)} rows")
+        spans, offset = [], 0
+        for n in counts:
+            sample = int(rows[offset]) if n else 0
+            spans.append(ImageSpan(sample=sample, positions=cols[offset:offset + n]))
+            offset += n
+        if self.vision_stage:
+            base = list(self.handle.stats.images)
+            if [s.n_kept for s in base] != counts:
+                raise AssertionError(f"vision stage kept {[s.n_kept for s in base]} rows, the input has {counts}")
+        else:
+            base = [ImageStats(sample=sp.sample, n_before=n, n_kept=n, kept_indices=torch.arange(n), crop_budgets=[],
+                               crop_kept=[], method="") for sp, n in zip(spans, counts)]
+        self.engine.begin_prefill(spans, base)
+        return ((), kw) if changed else None

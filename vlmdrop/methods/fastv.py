@@ -1,0 +1,68 @@
+"""FastV (Chen et al., ECCV 2024): drop image tokens inside the LLM at layer K by layer K−1's attention.
+
+At decoder layer K (default 2) the image tokens are ranked by the attention the last prompt token
+pays them in layer K−1, averaged over heads; from layer K on only the top ones remain.  As in the
+official code (pkunlp-icler/FastV, `modeling_llama.py`: `keep_indexs` fed back as `position_ids`),
+kept tokens keep their RoPE positions by default (`positions="original"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..interface import LLMMethod, MethodConfig
+from ..ops.budget import resolve_budget, validate_budget
+from ..registry import register_method
+
+POSITIONS = ("original", "compact")
+
+
+def validate_positions(positions: object) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not valid; choose one of: {', '.join(POSITIONS)}")
+
+
+def validate_layer_count(layers: list[int], num_layers: int, *, what: str) -> None:
+    """Every drop layer K needs a layer K−1 to score from and must leave at least layer K to run."""
+    for k in layers:
+        if not 1 <= k < num_layers:
+            raise ValueError(f"{what}={k} is out of range for a language model with {num_layers} decoder layers "
+                             f"(valid: 1..{num_layers - 1}; layer K is scored by layer K-1)")
+
+
+@dataclass(frozen=True)
+class FastVConfig(MethodConfig):
+    """Parameters of FastV.
+
+    layer: decoder layer K (0-based) from which the dropped image tokens are gone; scored by layer K−1.
+    keep: fraction (float in (0, 1]) or count (int >= 1) of each image's tokens kept from layer K on;
+        a float keeps `round(keep * n)` of an image's `n` tokens (at least 1).
+    positions: "original" (kept tokens keep their RoPE positions, as the official code) or "compact".
+    """
+
+    stage: ClassVar[str] = "llm"
+
+    layer: int = 2
+    keep: float | int = 0.5
+    positions: str = "original"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer={self.layer!r} must be an int >= 1 (layer K is scored by layer K-1)")
+        validate_budget(self.keep, name="keep")
+        validate_positions(self.positions)
+
+
+@register_method("fastv", FastVConfig)
+class FastV(LLMMethod):
+    """FastV: one drop at layer K, ranked by the last prompt token's attention in layer K−1 (mean over heads)."""
+
+
+    def drop_layers(self, num_layers: int) -> list[int]:
+        validate_layer_count([self.config.layer], num_layers, what="layer")
+        return [self.config.layer]
+
+    def n_keep(self, stage: int, n_before: int, n_present: int) -> int:
+        return resolve_budget(self.config.keep, n_present)
