@@ -27,9 +27,9 @@ import logging
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .tasks import BadRecord, Sample, Task, get_task
 
@@ -435,7 +435,8 @@ def _base_row(item: Sample | BadRecord, method: str, budget: float) -> dict:
 
 def run_task_config(task: Task, items: Sequence[Sample | BadRecord], gen: Generator, method: str, budget: float,
                     out: Path, *, rank: int = 0, world: int = 1, batch_size: int = 1,
-                    max_new_tokens: int | None = None, seed: int = 0, progress: bool = True) -> int:
+                    max_new_tokens: int | None = None, seed: int = 0, progress: bool = True,
+                    before_first: Callable[[Sequence[Sample | BadRecord]], None] | None = None) -> int:
     """Run one (method, budget) on this process's shard of ``items``; returns the samples done now.
 
     Samples are assigned to process ``k % world``; those already in any part file are
@@ -448,6 +449,8 @@ def run_task_config(task: Task, items: Sequence[Sample | BadRecord], gen: Genera
     todo = [s for k, s in enumerate(items) if k % world == rank and s.id not in done]
     if not todo:
         return 0
+    if before_first is not None:
+        before_first(items)
     writer = ResultWriter(task_dir / f"{config_key(method, budget)}.part{rank}.jsonl")
     gen.configure(method, budget, seed)
     mnt = max_new_tokens or task.max_new_tokens
@@ -501,6 +504,19 @@ def _warmup(gen: Generator, items: Sequence[Sample | BadRecord]) -> None:
             return
 
 
+def _library_methods() -> list[str]:
+    import vlmdrop
+
+    return list(vlmdrop.methods())
+
+
+def _check_methods(requested: Sequence[str], available: Sequence[str]) -> None:
+    valid = [FULL] + list(available)
+    bad = [m for m in requested if m not in valid]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; valid methods: {', '.join(valid)}")
+
+
 def run_eval(cfg: EvalConfig, generator: Generator | None = None) -> dict[str, Path]:
     """Run the whole sweep and (on the main process) write the reports.
 
@@ -510,26 +526,28 @@ def run_eval(cfg: EvalConfig, generator: Generator | None = None) -> dict[str, P
 
     dist = _Dist()
     tasks = [get_task(t) for t in cfg.tasks]
+    configs = configurations(cfg.methods, cfg.budgets)
+    if generator is None and not (cfg.model or "").startswith("py:"):
+        _check_methods(cfg.methods, _library_methods())  # before a possibly long model load
     out = Path(cfg.out)
     _check_run_meta(out, cfg, dist)
     dist.barrier()
+    loaded = {t.name: t.load(_data_dir_for(cfg.data, t), cfg.limit) for t in tasks}  # data errors first
     gen = generator if generator is not None else load_generator(cfg.model, dist.device)
-    valid = [FULL] + list(gen.method_names())
-    bad = [m for m in cfg.methods if m not in valid]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; valid methods: {', '.join(valid)}")
-    configs = configurations(cfg.methods, cfg.budgets)
-    loaded = {t.name: t.load(_data_dir_for(cfg.data, t), cfg.limit) for t in tasks}
-    warmed = False
+    _check_methods(cfg.methods, gen.method_names())
+    warm = [False]
+
+    def warmup(items: Sequence[Sample | BadRecord]) -> None:
+        if not warm[0]:
+            _warmup(gen, items)
+            warm[0] = True
+
     for t in tasks:
         items = loaded[t.name]
         for method, budget in configs:
-            if not warmed:
-                _warmup(gen, items)
-                warmed = True
             run_task_config(t, items, gen, method, budget, out, rank=dist.rank, world=dist.world,
                             batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                            progress=cfg.progress and dist.main)
+                            progress=cfg.progress and dist.main, before_first=warmup)
     if hasattr(gen, "close"):
         gen.close()
     dist.barrier()

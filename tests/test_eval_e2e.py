@@ -2,7 +2,6 @@
 and restarted, and ``accelerate launch`` with 2 CPU processes merging into one report."""
 
 import csv
-import json
 import os
 import signal
 import subprocess

@@ -1,12 +1,11 @@
 """Every loader on a hand-made file set in its benchmark's release format, the save_to_disk
 path, prompts, per-task scoring, and bad data."""
 
-import json
 
 import pytest
-from eval_fixtures import MAKERS, img, make_pope, write_json
+from eval_fixtures import MAKERS, make_pope
 
-from vlmdrop.eval.tasks import TASKS, BadRecord, EmptyDatasetError, Sample, get_task, task_names
+from vlmdrop.eval.tasks import BadRecord, EmptyDatasetError, Sample, get_task, task_names
 
 EXPECTED = {  # task -> (number of samples, first id, first target, prompt suffix)
     "vqav2_val": (2, "10", ["red"] * 10, "\nAnswer the question using a single word or phrase."),
