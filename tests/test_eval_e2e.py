@@ -118,3 +118,19 @@ def test_accelerate_two_cpu_processes_merge(tmp_path):
     with open(d / "report.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert rows["random"]["n"] == "6" and rows["full"]["n"] == "6"
+
+
+def test_cli_model_from_a_checkpoint_folder(tmp_path, capsys):
+    from vlmdrop.eval.cli import cli
+    from vlmdrop.zoo.tiny import tiny_llava
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    rc = cli(["--model", str(tmp_path / "ckpt"), "--task", "easyvqa", "--limit", "2", "--method", "hired",
+              "--budget", "0.25", "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "o"),
+              "--no-progress"])
+    assert rc == 0
+    rows = read_jsonl(tmp_path / "o" / "easyvqa" / "hired@0.25.part0.jsonl")
+    assert len(rows) == 2 and all(r["n_kept"] < r["n_before"] for r in rows)
+    assert "| hired | 0.25 |" in capsys.readouterr().out
