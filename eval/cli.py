@@ -26,6 +26,18 @@ def _floats(s: str) -> list[float]:
     return vals
 
 
+def _method_args(s: str) -> dict:
+    import json
+
+    try:
+        val = json.loads(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--method-args is not JSON: {e}") from e
+    if not isinstance(val, dict) or not all(isinstance(v, dict) for v in val.values()):
+        raise argparse.ArgumentTypeError('--method-args must map method names to objects, e.g. {"fastv": {"layer": 3}}')
+    return val
+
+
 def _names(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -45,6 +57,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's lmms-eval setting")
+    p.add_argument("--method-args", default=None, type=_method_args,
+                   help='extra method parameters as JSON, per method, e.g. \'{"fastv": {"layer": 3}}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (results are resumed from it)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -71,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         cfg = EvalConfig(tasks=args.task, out=args.out, methods=args.method, budgets=args.budget, data=args.data,
                          model=args.model, limit=args.limit, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
+                         max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         method_args=args.method_args or {}, progress=not args.no_progress)
         paths = run_eval(cfg)
     except (ValueError, EmptyDatasetError, FileNotFoundError) as e:
         print(f"vlmdrop eval: error: {e}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Registered through the ``lmms_eval.models`` entry-point group (see ``pyproject.toml``); lmms-eval
 >= 0.7 loads it from there. ``pretrained`` may be omitted for the embedded default model;
-``method=full`` (default) runs the unmodified model; any other ``key=value`` of
+``method=full`` (default) runs the unmodified model; ``budget`` maps to the method's budget
+parameter as in ``vlmdrop eval`` (``keep`` for FastV, ``ratio`` for PyramidDrop); any other ``key=value`` of
 ``--model_args`` that is not listed below is passed to ``vlmdrop.apply`` as a method parameter
 (numbers are converted).
 
@@ -17,6 +18,7 @@ import logging
 from typing import Any
 
 from .runner import FULL, load_generator
+from .runner import method_params as _apply_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ if _LMMSBase is not None:
             if method != FULL:
                 import vlmdrop
 
-                budget_arg = int(self.budget) if self.budget > 1 else self.budget
-                self.gen.handle = vlmdrop.apply(self.gen.model, method, budget=budget_arg, **params)
+                self.gen.handle = vlmdrop.apply(self.gen.model, method,
+                                                **_apply_kwargs(method, self.budget, int(seed), params))
                 self.gen.method = method
             elif params:
                 raise ValueError(f"method=full takes no method parameters, got {sorted(params)}")

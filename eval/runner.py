@@ -55,6 +55,7 @@ class EvalConfig:
     batch_size: int = 1
     max_new_tokens: int | None = None
     seed: int = 0
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
     report: bool = True
 
@@ -69,6 +70,24 @@ def configurations(methods: Sequence[str], budgets: Sequence[float]) -> list[tup
             if (m, float(b)) not in out:
                 out.append((m, float(b)))
     return out
+
+
+# The parameter each method's budget axis maps to (the rest take ``budget``). PyramidDrop's
+# ``ratio`` is the fraction kept at *each* stage boundary, not an overall budget.
+BUDGET_PARAMETER: dict[str, str] = {"fastv": "keep", "pdrop": "ratio"}
+
+
+def method_params(method: str, budget: float, seed: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vlmdrop.apply(model, method, **kw)`` at one sweep point.
+
+    A budget above 1 is a token count (int), else a fraction; ``random`` also gets ``seed``;
+    ``extra`` (from ``--method-args``) is added last.
+    """
+    kw: dict[str, Any] = {BUDGET_PARAMETER.get(method, "budget"): int(budget) if budget > 1 else budget}
+    if method == "random":
+        kw["seed"] = seed
+    kw.update(extra or {})
+    return kw
 
 
 def config_key(method: str, budget: float) -> str:
@@ -177,7 +196,7 @@ class Generator(Protocol):
 
     def method_names(self) -> list[str]: ...
 
-    def configure(self, method: str, budget: float, seed: int) -> None: ...
+    def configure(self, method: str, budget: float, seed: int, params: dict[str, Any] | None = None) -> None: ...
 
     def generate(self, prompts: list[str], images: list[Any], max_new_tokens: int) -> list[GenOutput]: ...
 
@@ -248,7 +267,7 @@ class HFGenerator:
 
         return list(vlmdrop.methods())
 
-    def configure(self, method: str, budget: float, seed: int) -> None:
+    def configure(self, method: str, budget: float, seed: int, params: dict[str, Any] | None = None) -> None:
         import vlmdrop
 
         if self.handle is not None:
@@ -257,11 +276,7 @@ class HFGenerator:
         self.method = method
         self._torch.manual_seed(seed)
         if method != FULL:
-            # a budget above 1 is a token count, else a fraction of the visual tokens
-            kwargs: dict[str, Any] = {"budget": int(budget) if budget > 1 else budget}
-            if method == "random":
-                kwargs["seed"] = seed
-            self.handle = vlmdrop.apply(self.model, method, **kwargs)
+            self.handle = vlmdrop.apply(self.model, method, **method_params(method, budget, seed, params))
 
     def close(self) -> None:
         if self.handle is not None:
@@ -394,11 +409,12 @@ def _check_run_meta(out: Path, cfg: EvalConfig, dist: _Dist) -> None:
     if not dist.main:  # the main process checks and writes; the others wait at the barrier
         return
     data = str(Path(cfg.data).resolve()) if cfg.data else None
-    meta = {"model": cfg.model or "<default>", "data": data, "max_new_tokens": cfg.max_new_tokens}
+    meta = {"model": cfg.model or "<default>", "data": data, "max_new_tokens": cfg.max_new_tokens,
+            "method_args": cfg.method_args or {}}
     path = out / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k, {} if k == "method_args" else None) != v}
         if diff:
             raise ValueError(f"{out} holds results of a different run ({diff}); choose another --out")
     else:
@@ -436,7 +452,8 @@ def _base_row(item: Sample | BadRecord, method: str, budget: float) -> dict:
 def run_task_config(task: Task, items: Sequence[Sample | BadRecord], gen: Generator, method: str, budget: float,
                     out: Path, *, rank: int = 0, world: int = 1, batch_size: int = 1,
                     max_new_tokens: int | None = None, seed: int = 0, progress: bool = True,
-                    before_first: Callable[[Sequence[Sample | BadRecord]], None] | None = None) -> int:
+                    before_first: Callable[[Sequence[Sample | BadRecord]], None] | None = None,
+                    params: dict[str, Any] | None = None) -> int:
     """Run one (method, budget) on this process's shard of ``items``; returns the samples done now.
 
     Samples are assigned to process ``k % world``; those already in any part file are
@@ -452,7 +469,10 @@ def run_task_config(task: Task, items: Sequence[Sample | BadRecord], gen: Genera
     if before_first is not None:
         before_first(items)
     writer = ResultWriter(task_dir / f"{config_key(method, budget)}.part{rank}.jsonl")
-    gen.configure(method, budget, seed)
+    if method == FULL:
+        gen.configure(method, budget, seed)
+    else:
+        gen.configure(method, budget, seed, params or None)
     mnt = max_new_tokens or task.max_new_tokens
     scores: list[float] = []
     bar = tqdm(total=len(todo), desc=f"{task.name} {config_key(method, budget)}", disable=not progress, leave=False)
@@ -547,7 +567,8 @@ def run_eval(cfg: EvalConfig, generator: Generator | None = None) -> dict[str, P
         for method, budget in configs:
             run_task_config(t, items, gen, method, budget, out, rank=dist.rank, world=dist.world,
                             batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                            progress=cfg.progress and dist.main, before_first=warmup)
+                            progress=cfg.progress and dist.main, before_first=warmup,
+                            params=cfg.method_args.get(method))
     if hasattr(gen, "close"):
         gen.close()
     dist.barrier()

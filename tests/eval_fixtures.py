@@ -154,8 +154,8 @@ class FakeGenerator:
     def method_names(self):
         return ["hired", "random"]
 
-    def configure(self, method, budget, seed):
-        self.method, self.budget = method, budget
+    def configure(self, method, budget, seed, params=None):
+        self.method, self.budget, self.params = method, budget, params
 
     def generate(self, prompts, images, max_new_tokens):
         import time

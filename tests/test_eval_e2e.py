@@ -134,3 +134,24 @@ def test_cli_model_from_a_checkpoint_folder(tmp_path, capsys):
     rows = read_jsonl(tmp_path / "o" / "easyvqa" / "hired@0.25.part0.jsonl")
     assert len(rows) == 2 and all(r["n_kept"] < r["n_before"] for r in rows)
     assert "| hired | 0.25 |" in capsys.readouterr().out
+
+
+def test_llm_stage_methods_take_their_budget_parameter(tmp_path, capsys):
+    from vlmdrop.eval.cli import cli
+    from vlmdrop.eval.runner import method_params
+
+    assert method_params("hired", 0.2) == {"budget": 0.2}
+    assert method_params("hired", 64.0) == {"budget": 64}
+    assert method_params("fastv", 0.25, extra={"layer": 1}) == {"keep": 0.25, "layer": 1}
+    assert method_params("pdrop", 0.5) == {"ratio": 0.5}
+    assert method_params("random", 0.1, seed=3) == {"budget": 0.1, "seed": 3}
+    import vlmdrop
+
+    if "fastv" not in vlmdrop.methods():
+        pytest.skip("fastv not in this vlmdrop")
+    rc = cli(["--task", "easyvqa", "--limit", "2", "--method", "fastv", "--budget", "0.25",
+              "--method-args", '{"fastv": {"layer": 1}}', "--max-new-tokens", "2", "--out", str(tmp_path / "o"),
+              "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_jsonl(tmp_path / "o" / "easyvqa" / "fastv@0.25.part0.jsonl")
+    assert len(rows) == 2 and all(r["n_kept"] == round(0.25 * r["n_before"]) for r in rows)
