@@ -165,3 +165,12 @@ def test_read_jsonl_repairs(tmp_path):
     p.write_text('{"id": "1"}')  # complete line without its newline
     assert [r["id"] for r in read_jsonl(p, repair=True)] == ["1"]
     assert p.read_text() == '{"id": "1"}\n'
+
+
+def test_several_tasks_from_one_data_root(tmp_path):
+    make_easyvqa(tmp_path / "data" / "easyvqa")
+    make_pope(tmp_path / "data" / "pope_random")
+    paths = run_eval(_cfg(tmp_path, tmp_path / "data", tasks=["easyvqa", "pope_random"], methods=["random"],
+                          budgets=[0.3]), generator=FakeGenerator(default="yes"))
+    assert set(paths) == {"easyvqa", "pope_random"}
+    assert "| random | 0.3 | 66.67 |" in paths["pope_random"].read_text()  # F1 with p=0.5, r=1
