@@ -36,6 +36,11 @@ class ImageTokens:
         base_region: (h*w,) for each base-image patch, the sub-image (0-based among sub-images) whose
             region of the original picture contains the patch centre; None without sub-images.
         sample: batch row the image belongs to.
+        vit_hidden: (n_crops, h*w, C) feature-layer tokens of each crop in the space where a method may
+            form new rows (pre-projector ViT features for LLaVA; the tower's residual stream for
+            open_clip), CLS removed; filled only when the method's config lists "vit_hidden" in `needs`.
+        vit_keys: (n_crops, h*w, Dh) that layer's keys averaged over heads, CLS removed; filled only
+            when the method's config lists "vit_keys" in `needs`.
     """
 
     n_before: int
@@ -46,6 +51,8 @@ class ImageTokens:
     cls_attn: dict[str, torch.Tensor]
     base_region: torch.Tensor | None = None
     sample: int = 0
+    vit_hidden: torch.Tensor | None = None
+    vit_keys: torch.Tensor | None = None
 
     def crop_positions(self, crop: int) -> torch.Tensor:
         """(n,) ascending positions of crop `crop` (only the patches that survived unpadding)."""
@@ -69,11 +76,24 @@ class Selection:
         kept_indices: (n_kept,) ascending positions into the image's `n_before` rows.
         crop_budgets: tokens allotted to each crop, base image first.
         crop_kept: tokens actually kept in each crop (equal to the budgets for every built-in method).
+        new_rows: (n_new, C) rows that are no original position (merged or pooled tokens), in the space
+            of `ImageTokens.vit_hidden`; the adapter maps them to the LLM's space (LLaVA: its own
+            projector) and places them after the kept rows, in this order.  None = no new rows.
+        new_groups: n_new LongTensors, the positions (into `n_before`) each new row summarises.
+
+    The rows the language model receives for the image are `len(kept_indices) + n_new`; that total is
+    what the budget counts.
     """
 
     kept_indices: torch.Tensor
     crop_budgets: list[int]
     crop_kept: list[int]
+    new_rows: torch.Tensor | None = None
+    new_groups: list[torch.Tensor] | None = None
+
+    @property
+    def n_new(self) -> int:
+        return 0 if self.new_rows is None else int(self.new_rows.shape[0])
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,7 @@ class MethodConfig:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "vision"  # "vision" (before the LLM) or "llm" (inside the LLM prefill)
     roles: ClassVar[tuple[str, ...]] = ()  # ViT CLS-attention rows the method needs ("first", "feature")
+    needs: ClassVar[tuple[str, ...]] = ()  # extra feature-layer tensors: "vit_hidden", "vit_keys"
 
     def __post_init__(self) -> None:
         if hasattr(self, "budget"):

@@ -14,11 +14,14 @@ class ImageStats:
     Attributes:
         sample: batch row the image belongs to.
         n_before: visual positions the unmodified model feeds the LLM for this image (newlines included).
-        n_kept: positions kept.
-        kept_indices: (n_kept,) ascending indices into the `n_before` positions.
+        n_kept: rows handed to the LLM for this image (original positions kept + new rows); the budget.
+        kept_indices: (n_kept - n_new,) ascending indices into the `n_before` positions kept as they are.
         crop_budgets: tokens allotted per crop, base image first.
         crop_kept: tokens kept per crop, base image first.
         method: the method that made the selection.
+        n_new: rows made by merging or pooling (VisionZip's contextual tokens, `pool`'s cells); they
+            follow the kept positions in the sequence.
+        new_groups: n_new LongTensors: the positions each new row summarises (None without new rows).
     """
 
     sample: int
@@ -28,6 +31,8 @@ class ImageStats:
     crop_budgets: list[int]
     crop_kept: list[int]
     method: str = ""
+    n_new: int = 0
+    new_groups: list[torch.Tensor] | None = None
 
 
 @dataclass
