@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import hired, random  # noqa: F401
+from . import hired, pool, random, visionzip  # noqa: F401
