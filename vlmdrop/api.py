@@ -67,7 +67,8 @@ def apply(model: nn.Module, method: str, **params: Any) -> DropHandle:
     Args:
         model: a supported Hugging Face VLM (see `vlmdrop.adapters.supported_classes()`).
         method: a name from `vlmdrop.methods()`.
-        **params: the method's parameters (its config dataclass fields), e.g. `budget=0.2`.
+        **params: the method's parameters (its config dataclass fields), e.g. `budget=0.2`, plus the
+            adapter's own options where it has any (open_clip towers: `layer`).
 
     Raises:
         ValueError: unknown method or parameter, invalid value, unsupported model, or a model that
@@ -76,16 +77,18 @@ def apply(model: nn.Module, method: str, **params: Any) -> DropHandle:
     from vlmdrop.adapters import adapter_for
 
     reg = get_method(method)
-    config = build_config(method, params)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    adapter = adapter_for(model)
+    # adapter-level knobs (e.g. open_clip's `layer`) are not method parameters
+    options = {k: params.pop(k) for k in getattr(adapter, "options", ()) if k in params}
+    config = build_config(method, params)
     existing = model.__dict__.get(_ATTR)
     if existing is not None and existing.active:
         raise ValueError(f"{type(model).__name__} already has vlmdrop method {existing.method!r} applied; "
                          "call handle.remove() first")
-    adapter = adapter_for(model)
     handle = DropHandle(model, method, config)
-    handle._install = adapter.install(reg.method(config), handle)
+    handle._install = adapter.install(reg.method(config), handle, **options)
     model.__dict__[_ATTR] = handle
     logger.debug("applied %s to %s", config, type(model).__name__)
     return handle
