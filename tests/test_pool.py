@@ -8,7 +8,7 @@ import vlmdrop
 from vlmdrop.ops.budget import resolve_budget
 
 from conftest import IMAGE_SIZES, batch, get_model
-from test_visionzip import captured_rows, encoded, pre_projector_rows, reference_embeds
+from test_visionzip import captured_rows, encoded, one_thread, pre_projector_rows, reference_embeds  # noqa: F401
 
 MIXED = [(60, 130), (90, 50), (56, 56)]
 

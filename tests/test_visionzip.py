@@ -13,6 +13,15 @@ from conftest import IMAGE_SIZES, batch, get_model
 MIXED = [(60, 130), (90, 50), (56, 56)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids oversubscription on shared CI cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def pre_projector_rows(model, inputs):
     """Per image: (n_before, C) pre-projector features at each LLM position (zeros on newline rows),
     computed without vlmdrop, plus the ViT tensors of the feature layer (hidden_states, per crop)."""
