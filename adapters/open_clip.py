@@ -37,6 +37,8 @@ from .base import Adapter, register_adapter
 
 logger = logging.getLogger("vlmdrop")
 
+_TOWER_ATTR = "_vlmdrop_tower_handle"  # on the tower instance while a method is applied (for kept_tokens)
+
 
 def _tower(model: nn.Module) -> nn.Module:
     """The open_clip VisionTransformer of `model` (the model itself or its `.visual`)."""
@@ -98,6 +100,8 @@ class _TowerDrop:
         block = adapter.blocks[layer]
         self.hook = block.register_forward_pre_hook(self._hook, with_kwargs=True)
         self.parts: list[Any] = list(captures.values())
+        self.visual = adapter.visual
+        self.visual.__dict__[_TOWER_ATTR] = handle
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         a = self.adapter
@@ -154,6 +158,8 @@ class _TowerDrop:
 
     def remove(self) -> None:
         self.hook.remove()
+        if self.visual.__dict__.get(_TOWER_ATTR) is self.handle:
+            del self.visual.__dict__[_TOWER_ATTR]
         while self.parts:
             self.parts.pop().remove()
 
@@ -232,13 +238,14 @@ class TowerTokens:
 def kept_tokens(model: nn.Module, images: torch.Tensor) -> TowerTokens:
     """Run `model`'s open_clip tower on `images` (B, 3, H, W) and return its patch tokens with their indices.
 
-    Works with or without a method applied (without one every patch is returned, indices 0..N-1).
+    `model` is the open_clip model or its `.visual`, whichever the method was applied to.  Works with
+    or without a method applied (without one every patch is returned, indices 0..N-1).
     Towers with an attentional pooler (CoCa) return the pooler's queries, not patch tokens: ValueError.
     """
     visual = _tower(model)
     if getattr(visual, "attn_pool", None) is not None:
         raise ValueError("this tower has an attentional pooler: its tokens are pooler queries, not patch tokens")
-    handle = model.__dict__.get("_vlmdrop_handle") or visual.__dict__.get("_vlmdrop_handle")
+    handle = visual.__dict__.get(_TOWER_ATTR)
     active = handle is not None and handle.active
     saved = visual.output_tokens
     visual.output_tokens = True
@@ -253,6 +260,8 @@ def kept_tokens(model: nn.Module, images: torch.Tensor) -> TowerTokens:
         idx = torch.arange(n).expand(tokens.shape[0], n)
         return TowerTokens(pooled, tokens, idx, 0, None)
     stats = handle.stats
+    if [s.n_kept for s in stats.images] != [n] * tokens.shape[0]:
+        raise AssertionError(f"tower returned {n} tokens per image, stats say {[s.n_kept for s in stats.images]}")
     n_new = {s.n_new for s in stats.images}
     if len(n_new) != 1:
         raise AssertionError(f"images of one batch got different numbers of new rows: {sorted(n_new)}")

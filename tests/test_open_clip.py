@@ -179,6 +179,11 @@ def test_kept_tokens_without_a_method_and_custom_pipeline(make):
             b = kept_tokens(model.visual, x)
     assert a.tokens.shape == (3, 6, 32) and a.n_new == 0 and b.stats is h.stats
     assert torch.equal(a.kept_indices, b.kept_indices)  # re-seeded every call
+    with torch.no_grad(), vlmdrop.dropping(model, "visionzip", budget=7, layer=2) as h:
+        c = kept_tokens(model.visual, x)  # applied to the CLIP model, read through its tower
+    assert c.tokens.shape == (3, 7, 32) and c.n_new == split_budget(7)[1] == 1
+    assert c.kept_indices.shape == (3, 6) and c.stats is h.stats
+    assert "_vlmdrop_tower_handle" not in model.visual.__dict__
 
 
 def test_remove_restores_tower(make):
