@@ -187,6 +187,10 @@ class OpenClipAdapter(Adapter):
 
     def install(self, method: VisionMethod, handle: Any, *, layer: int | None = None) -> _TowerDrop:
         n_layers = len(self.blocks)
+        other = self.visual.__dict__.get(_TOWER_ATTR)
+        if other is not None and other.active:
+            raise ValueError(f"this open_clip tower already has vlmdrop method {other.method!r} applied "
+                             "(through the model or its .visual); call handle.remove() first")
         if layer is None:
             layer = n_layers // 2
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers < layer < n_layers or layer % n_layers == 0:

@@ -217,6 +217,14 @@ def test_bad_input(make, params, match):
     assert vlmdrop.apply(model, "hired", budget=0.5, layer=2).remove() is None  # nothing left half-applied
 
 
+def test_one_method_per_tower(make):
+    model = make()
+    with vlmdrop.dropping(model, "hired", budget=0.5, layer=2):
+        with pytest.raises(ValueError, match="already has vlmdrop method 'hired'"):
+            vlmdrop.apply(model.visual, "random", budget=0.5, layer=2)
+    vlmdrop.apply(model.visual, "random", budget=0.5, layer=2).remove()
+
+
 def test_unsupported_towers_and_modes(make):
     with pytest.raises(ValueError, match="VisionTransformer.*ModifiedResNet"):
         vlmdrop.apply(make("vlmdrop-tiny-rn"), "hired", budget=0.5, layer=1)
