@@ -1,6 +1,6 @@
 """Model adapters (packaged as `vlmdrop.adapters`); importing registers them."""
 
 from .base import Adapter, adapter_for, register_adapter, supported_classes
-from . import internvl, llava  # noqa: F401
+from . import internvl, llava, open_clip  # noqa: F401  (open_clip itself is imported only for open_clip models)
 
 __all__ = ["Adapter", "adapter_for", "register_adapter", "supported_classes"]

@@ -44,7 +44,8 @@ class VisionDropEngine:
     entry, layout + CLS rows), `with_features(encoder_output, per-image rows) -> encoder output`,
     `image_token_id`, `pad_token_id`.  An adapter whose pooler_output is not one entry per image
     (InternVL: one per tile) supplies `split(encoder_output, input_ids) -> (per-image rows, ImageTokens)`
-    instead of `describe`.
+    instead of `describe`.  For methods that make new rows
+    (`Selection.new_rows`) it also supplies `project(rows) -> LLM-space rows`.
     """
 
     def __init__(self, adapter: Any, method: VisionMethod, handle: Any) -> None:
@@ -128,15 +129,24 @@ class VisionDropEngine:
             n_keep = resolve_budget(self.method.config.budget, image.n_before)
             sel = self.method.select(image, n_keep, generator=generator)
             kept = sel.kept_indices
+            n_rows = int(kept.numel()) + sel.n_new  # kept positions + new (merged / pooled) rows
             if not self.method.exact_budget:
-                n_keep = int(kept.numel())
-            elif kept.numel() != n_keep:
-                raise AssertionError(f"{self.method.config.name} kept {kept.numel()} rows, budget says {n_keep}")
-            keep_ph[offset + kept.to(keep_ph.device)] = True
-            new_feats.append(feat[kept.to(feat.device)])
+                n_keep = n_rows
+            elif n_rows != n_keep:
+                raise AssertionError(f"{self.method.config.name} gave {n_rows} rows, budget says {n_keep}")
+            # placeholders are identical tokens: with new rows the image keeps its first n_rows slots
+            slots = kept if sel.n_new == 0 else torch.arange(n_rows)
+            keep_ph[offset + slots.to(keep_ph.device)] = True
+            out_rows = feat[kept.to(feat.device)]  # (n_kept - n_new, D)
+            if sel.n_new:
+                made = self.adapter.project(sel.new_rows).to(device=feat.device, dtype=feat.dtype)  # (n_new, D)
+                out_rows = torch.cat([out_rows, made])
+            new_feats.append(out_rows)
+            groups = None if sel.new_groups is None else [g.cpu() for g in sel.new_groups]
             stats.append(ImageStats(sample=image.sample, n_before=image.n_before, n_kept=n_keep,
                                     kept_indices=kept.cpu(), crop_budgets=list(sel.crop_budgets),
-                                    crop_kept=list(sel.crop_kept), method=self.method.config.name))
+                                    crop_kept=list(sel.crop_kept), method=self.method.config.name,
+                                    n_new=sel.n_new, new_groups=groups))
             offset += image.n_before
         self.handle._set_stats(DropStats(images=stats))
         kw["mm_encoder_outputs"] = {**kw["mm_encoder_outputs"], "image": self.adapter.with_features(enc, new_feats)}

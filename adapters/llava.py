@@ -3,6 +3,9 @@
 
 Where things are taken:
 * CLS rows: forward hooks on `q_proj`/`k_proj` of the chosen CLIP encoder layers (`ClsRowCapture`).
+* New rows (VisionZip, pool): the feature layer's keys (k_proj hook, averaged over heads) and the
+  pre-projector features (a pre-hook on `multi_modal_projector`) are captured (`FeatureCapture`);
+  merged rows are mapped to the LLM's space by the model's own projector (`project`).
 * Layout: the model's own `pack_image_features` run on index tensors, so the position → (crop,
   patch) map is exactly the unpadding the installed transformers performs.
 * `image_sizes`: `generate` encodes images before the first forward and then drops `image_sizes`,
@@ -26,7 +29,7 @@ from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 from .base import Adapter, register_adapter
 from .engine import VisionDropEngine
 from .llm_stage import LLMStageSpans
-from .vision_capture import ClsRowCapture
+from .vision_capture import ClsRowCapture, FeatureCapture
 
 
 def _feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
@@ -120,6 +123,7 @@ class LlavaAdapter(Adapter):
         self.pad_token_id = pad if pad is not None else 0
         self._described: dict[int, tuple[torch.Tensor, ImageTokens]] = {}
         self.capture: ClsRowCapture | None = None
+        self.features: FeatureCapture | None = None
 
     # ----------------------------------------------------------- installation
     def install(self, method: VisionMethod | LLMMethod, handle: Any, *, llm: LLMMethod | None = None) -> _Install:
@@ -134,6 +138,13 @@ class LlavaAdapter(Adapter):
                                              num_heads=self.num_heads, scale=self.scale,
                                              logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
                 inst.parts.append(self.capture)
+                needs = set(getattr(vision.config, "needs", ()))
+                if needs:  # feature-layer keys and the projector's (pre-projector) input, for new rows
+                    self.features = FeatureCapture(
+                        k_proj=self.layers[self.feature_layer].self_attn.k_proj if "vit_keys" in needs else None,
+                        projector=self.base.multi_modal_projector if "vit_hidden" in needs else None,
+                        num_heads=self.num_heads)
+                    inst.parts.append(self.features)
                 inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
                 inst.parts.append(VisionDropEngine(self, vision, handle))
             if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
@@ -158,6 +169,7 @@ class LlavaAdapter(Adapter):
     def _on_encoded(self, out: Any, image_sizes: Any) -> None:
         """Describe every image of a `get_image_features` call while its inputs are known."""
         rows = self.capture.take() if self.capture is not None else {}
+        keys, hidden = self.features.take() if self.features is not None else (None, None)
         feats = list(out.pooler_output)
         if self.is_next:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -173,11 +185,19 @@ class LlavaAdapter(Adapter):
         for role, r in rows.items():
             if r.shape[0] != total:
                 raise AssertionError(f"captured {r.shape[0]} crops for role {role!r}, images have {total}")
+        for name, t in (("keys", keys), ("projector input", hidden)):
+            if t is not None and t.shape[0] != total:
+                raise AssertionError(f"captured {name} for {t.shape[0]} crops, images have {total}")
         self._described = {}
         start = 0
         for feat, size, n in zip(feats, sizes, n_crops):
             cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
-            self._described[id(feat)] = (feat, self._layout(feat, n, size, cls_attn))
+            im = self._layout(feat, n, size, cls_attn)
+            if keys is not None:
+                im.vit_keys = keys[start:start + n, 1:]  # (n, h*w, Dh) CLS row dropped
+            if hidden is not None:
+                im.vit_hidden = hidden[start:start + n]  # (n, h*w, C) the projector's input (CLS already removed)
+            self._described[id(feat)] = (feat, im)
             start += n
 
     def describe(self, enc: Any) -> list[ImageTokens]:
@@ -191,8 +211,19 @@ class LlavaAdapter(Adapter):
             im = entry[1]
             images.append(ImageTokens(n_before=im.n_before, crop_of=im.crop_of, local_index=im.local_index,
                                       crop_hw=im.crop_hw, n_crops=im.n_crops, cls_attn=im.cls_attn,
-                                      base_region=im.base_region, grid_hw=im.grid_hw))
+                                      base_region=im.base_region, grid_hw=im.grid_hw,
+                                      vit_hidden=im.vit_hidden, vit_keys=im.vit_keys))
         return images
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, C) pre-projector rows -> (n, D) LLM-space rows through the model's own projector."""
+        if self.features is not None:
+            self.features.paused = True
+        try:
+            return self.base.multi_modal_projector(rows)
+        finally:
+            if self.features is not None:
+                self.features.paused = False
 
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
         new = type(enc)(**{k: v for k, v in enc.items()})

@@ -86,3 +86,46 @@ def _cls_logits(q: torch.Tensor, k: torch.Tensor, *, num_heads: int, scale: floa
     qh = q.float().reshape(c, num_heads, 1, d // num_heads)  # (C, H, 1, hd)
     kh = k.float().reshape(c, n, num_heads, d // num_heads).transpose(1, 2)  # (C, H, N, hd)
     return (qh @ kh.transpose(-1, -2))[:, :, 0] * scale  # (C, H, N)
+
+
+class FeatureCapture:
+    """Collects a feature layer's keys (averaged over heads) and the features a projector receives.
+
+    Args:
+        k_proj: the feature layer's key projection (output (C, N, H*Dh)); None = no keys.
+        projector: a module whose first positional input is the (C, N', D) features to capture; None = none.
+        num_heads: H.
+    """
+
+    def __init__(self, *, k_proj: nn.Module | None, projector: nn.Module | None, num_heads: int) -> None:
+        self.num_heads = num_heads
+        self.keys: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+        self.paused = False
+        self.handles: list[RemovableHandle] = []
+        if k_proj is not None:
+            self.handles.append(k_proj.register_forward_hook(self._on_k))
+        if projector is not None:
+            self.handles.append(projector.register_forward_pre_hook(self._on_projector))
+
+    def _on_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        c, n, d = out.shape
+        if d % self.num_heads:
+            raise ValueError(f"key size {d} is not divisible by num_heads={self.num_heads}")
+        self.keys = out.detach().reshape(c, n, self.num_heads, d // self.num_heads).mean(dim=2)  # (C, N, Dh)
+
+    def _on_projector(self, module: nn.Module, args: tuple) -> None:
+        if not self.paused and args:
+            self.hidden = args[0].detach()  # (C, N', D)
+
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(keys, hidden) of the last vision forward, cleared."""
+        out = (self.keys, self.hidden)
+        self.keys = self.hidden = None
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.keys = self.hidden = None

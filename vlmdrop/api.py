@@ -99,7 +99,8 @@ def apply(model: nn.Module, method: str | Sequence[str], **params: Any) -> DropH
         method: a name from `vlmdrop.methods()`, or a list stacking one vision-stage and one LLM-stage
             method, e.g. `["hired", "fastv"]`.
         **params: the method's parameters (its config dataclass fields), e.g. `budget=0.2`; with a list,
-            one dict per method under its name, e.g. `hired={"budget": 0.4}, fastv={"keep": 0.5}`.
+            one dict per method under its name, e.g. `hired={"budget": 0.4}, fastv={"keep": 0.5}`; plus
+            the adapter's own options where it has any (open_clip towers: `layer`).
 
     Raises:
         ValueError: unknown method or parameter, invalid value, unsupported model, or a model that
@@ -107,24 +108,26 @@ def apply(model: nn.Module, method: str | Sequence[str], **params: Any) -> DropH
     """
     from vlmdrop.adapters import adapter_for
 
-    resolved = _resolve(method, params)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    adapter = adapter_for(model)
+    # adapter-level knobs (e.g. open_clip's `layer`) are not method parameters
+    options = {k: params.pop(k) for k in getattr(adapter, "options", ()) if k in params}
+    resolved = _resolve(method, params)
     existing = model.__dict__.get(_ATTR)
     if existing is not None and existing.active:
         raise ValueError(f"{type(model).__name__} already has vlmdrop method {existing.method!r} applied; "
                          "call handle.remove() first")
-    adapter = adapter_for(model)
     if any(cfg.stage == "llm" for _, cfg in resolved) and not getattr(adapter, "supports_llm_stage", False):
-        raise ValueError(f"the {type(model).__name__} adapter does not support LLM-stage methods yet")
+        raise ValueError(f"the {type(model).__name__} adapter does not support LLM-stage methods")
     name = "+".join(n for n, _ in resolved)
     config = resolved[0][1] if len(resolved) == 1 else tuple(cfg for _, cfg in resolved)
     handle = DropHandle(model, name, config)
     runners = [get_method(n).method(cfg) for n, cfg in resolved]
     if len(runners) == 1:
-        handle._install = adapter.install(runners[0], handle)
+        handle._install = adapter.install(runners[0], handle, **options)
     else:
-        handle._install = adapter.install(runners[0], handle, llm=runners[1])
+        handle._install = adapter.install(runners[0], handle, llm=runners[1], **options)
     model.__dict__[_ATTR] = handle
     logger.debug("applied %s to %s", config, type(model).__name__)
     return handle

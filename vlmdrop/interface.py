@@ -41,6 +41,11 @@ class ImageTokens:
         base_crop: index of the base image / thumbnail among the crops (0 for LLaVA-NeXT, the last crop
             for InternVL; 0 when there is only one crop).
         grid_hw: (rows, cols) of the sub-image grid (sub-images in raster order), None without sub-images.
+        vit_hidden: (n_crops, h*w, C) feature-layer tokens of each crop in the space where a method may
+            form new rows (pre-projector ViT features for LLaVA; the tower's residual stream for
+            open_clip), CLS removed; filled only when the method's config lists "vit_hidden" in `needs`.
+        vit_keys: (n_crops, h*w, Dh) that layer's keys averaged over heads, CLS removed; filled only
+            when the method's config lists "vit_keys" in `needs`.
     """
 
     n_before: int
@@ -53,6 +58,8 @@ class ImageTokens:
     sample: int = 0
     base_crop: int = 0
     grid_hw: tuple[int, int] | None = None
+    vit_hidden: torch.Tensor | None = None
+    vit_keys: torch.Tensor | None = None
 
     def crop_positions(self, crop: int) -> torch.Tensor:
         """(n,) ascending positions of crop `crop` (only the patches that survived unpadding)."""
@@ -80,11 +87,24 @@ class Selection:
         kept_indices: (n_kept,) ascending positions into the image's `n_before` rows.
         crop_budgets: tokens allotted to each crop, in crop order (`ImageTokens.crop_of`).
         crop_kept: tokens actually kept in each crop (equal to the budgets for every built-in method).
+        new_rows: (n_new, C) rows that are no original position (merged or pooled tokens), in the space
+            of `ImageTokens.vit_hidden`; the adapter maps them to the LLM's space (LLaVA: its own
+            projector) and places them after the kept rows, in this order.  None = no new rows.
+        new_groups: n_new LongTensors, the positions (into `n_before`) each new row summarises.
+
+    The rows the language model receives for the image are `len(kept_indices) + n_new`; that total is
+    what the budget counts.
     """
 
     kept_indices: torch.Tensor
     crop_budgets: list[int]
     crop_kept: list[int]
+    new_rows: torch.Tensor | None = None
+    new_groups: list[torch.Tensor] | None = None
+
+    @property
+    def n_new(self) -> int:
+        return 0 if self.new_rows is None else int(self.new_rows.shape[0])
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,7 @@ class MethodConfig:
     stage: ClassVar[str] = "vision"  # "vision" (before the LLM) or "llm" (inside the LLM prefill)
     roles: ClassVar[tuple[str, ...]] = ()  # ViT CLS-attention rows the method needs ("first", "feature")
     logit_roles: ClassVar[tuple[str, ...]] = ()  # of those, roles captured as pre-softmax logits q·k·scale
+    needs: ClassVar[tuple[str, ...]] = ()  # extra feature-layer tensors: "vit_hidden", "vit_keys"
 
     def __post_init__(self) -> None:
         if hasattr(self, "budget"):

@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import fastv, globalcom2, hired, pdrop, random  # noqa: F401
+from . import fastv, globalcom2, hired, pdrop, pool, random, visionzip  # noqa: F401

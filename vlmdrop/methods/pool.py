@@ -1,0 +1,83 @@
+"""Uniform spatial average pooling to the budget: the naive baseline.
+
+Formula: `vlmdrop.ops.pool.pool_grid` (exact count, raster order).  Each crop's share of the budget
+is proportional to its size (capped largest remainder, as for `random`); each crop's token grid --
+for LLaVA-NeXT only the patches that survive unpadding, a rectangle of the crop's h×w grid -- is
+average-pooled to exactly its share.  Pooling happens on the pre-projector features (the space of
+`ImageTokens.vit_hidden`); the pooled rows are then mapped by the model's own projector.
+
+Every pooled row is a new row, so `kept_indices` holds only original positions passed through
+unchanged: whole crops whose share covers them (so `budget=1.0` is the identity) and LLaVA-NeXT
+newline rows on overflow; it is empty in the usual case.  `new_groups[j]` lists the positions
+pooled row j averages (its region).  Sequence order: kept positions in their original order, then
+the pooled rows crop by crop (base image first), each crop's in raster order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
+from ..ops.budget import largest_remainder
+from ..ops.pool import pool_grid
+from ..registry import register_method
+
+
+@dataclass(frozen=True)
+class PoolConfig(MethodConfig):
+    """Parameters of pooling.
+
+    budget: fraction (float in (0, 1]) or count (int >= 1) of each image's visual positions; each
+        image hands exactly that many rows to the LLM.
+    """
+
+    budget: float | int = 0.2
+
+    needs = ("vit_hidden",)
+
+
+def _rectangle(local: torch.Tensor, w: int) -> tuple[int, int, int, int]:
+    """(r0, c0, rows, cols) of the rectangle that the raster indices `local` fill exactly."""
+    r, c = local // w, local % w
+    r0, c0 = int(r.min()), int(c.min())
+    rows, cols = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
+    if rows * cols != local.numel():
+        raise ValueError(f"pool needs each crop's tokens to fill a rectangle; got {local.numel()} tokens "
+                         f"in a {rows}x{cols} bounding box")
+    return r0, c0, rows, cols
+
+
+@register_method("pool", PoolConfig)
+class Pool(VisionMethod):
+    """Average-pool each crop's token grid to its share of the budget (exact count)."""
+
+    def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
+        if image.vit_hidden is None:
+            raise ValueError("pool needs the feature-layer tokens; this adapter did not provide them")
+        h, w = image.crop_hw
+        caps = image.crop_sizes()
+        on_crops = min(n_keep, sum(caps))
+        budgets = largest_remainder([float(c) for c in caps], on_crops, caps)
+        kept, new_rows, groups = [], [], []
+        for crop, k in enumerate(budgets):
+            positions = image.crop_positions(crop)  # (n,) ascending
+            if k == 0:
+                continue
+            if k >= positions.numel():  # the whole crop: kept as it is
+                kept.append(positions)
+                continue
+            local = image.local_index[positions]  # (n,)
+            order = local.argsort()
+            positions, local = positions[order], local[order]  # raster order inside the crop
+            r0, c0, rows, cols = _rectangle(local, w)
+            grid = image.vit_hidden[crop].reshape(h, w, -1)[r0:r0 + rows, c0:c0 + cols]  # (rows, cols, C)
+            pooled, g = pool_grid(grid.reshape(rows * cols, -1), h=rows, w=cols, target=k)  # (k, C)
+            new_rows.append(pooled)
+            groups.extend(positions[gi] for gi in g)
+        kept.append(image.layout_positions()[: n_keep - on_crops])
+        kept_idx = torch.cat(kept).sort().values
+        return Selection(kept_indices=kept_idx, crop_budgets=budgets, crop_kept=list(budgets),
+                         new_rows=torch.cat(new_rows) if new_rows else None,
+                         new_groups=groups if new_rows else None)
