@@ -232,7 +232,8 @@ class InternVLAdapter(Adapter):
     def _pool_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """(T, h*w, Dh) patch keys -> (T, N', Dh) post-shuffle keys in raster order (mean of the 2x2 sources)."""
         if keys.shape[1] != self.patch_hw[0] * self.patch_hw[1]:
-            raise AssertionError(f"keys have {keys.shape[1]} patches per tile, expected {self.patch_hw}")
+            raise AssertionError(f"keys have {keys.shape[1]} patches per tile, expected "
+                                 f"{self.patch_hw[0]}x{self.patch_hw[1]}")
         by_token = keys[:, self.sources.to(keys.device)].mean(2)  # (T, N', k, Dh) -> (T, N', Dh) feature order
         return self._to_raster(by_token)
 

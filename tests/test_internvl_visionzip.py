@@ -49,8 +49,8 @@ def _tile_starts(tiles: list[int]) -> list[int]:
 def post_shuffle_tensors(model, pixel_values):
     """Without vlmdrop: per tile, the projector's input in LLM-position order (T, 16, 4C), and on the 4x4
     post-shuffle raster grid the feature layer's CLS attention summed over each token's 2x2 source patches
-    (T, H, 16) (eager attention probabilities; None under sdpa) and its keys averaged over heads, then over the 2x2 sources
-    (T, 16, Dh) (a hook on k_proj)."""
+    (T, H, 16) (eager attention probabilities; None under sdpa) and its keys averaged over heads, then over
+    the 2x2 sources (T, 16, Dh) (a hook on k_proj)."""
     vt = model.model.vision_tower
     attn = vt.encoder.layer[-1].attention  # tiny config: vision_feature_layer = -1
     seen = {}
