@@ -16,6 +16,13 @@ Where things are taken:
 * `generate` encodes the images before the first forward, so the base model's class is swapped on this
   instance only (restored by `remove()`) for a subclass whose `get_image_features` reports its pixels
   and output, as in `adapters/llava.py`.
+* New rows (VisionZip, `pool`), per tile: they are formed in the projector's *input* space -- the
+  post-shuffle, pre-projector features (each the concatenation of its 2×2 source patches' features,
+  4·C channels), captured by a pre-hook on `multi_modal_projector` (`FeatureCapture`) -- and mapped to
+  the LLM's space by the model's own projector (`project`).  `ImageTokens.vit_hidden` is
+  (tiles, N', 4·C) and `vit_keys` (tiles, N', Dh): the feature layer's keys (the `k_norm` output, the
+  keys it attends with), averaged over heads, then averaged over each post-shuffle token's 2×2 source
+  patches; both in the post-shuffle raster order of `local_index` / `cls_attn`.
 * LLM stage (FastV, PyramidDrop): `adapters/llm_stage.py` on the Qwen2/Llama decoder; the tiles are
   grouped into images by the same placeholder runs (`image_rows`), so scores, budgets and stats are
   per image, not per tile.
@@ -39,7 +46,7 @@ from .base import Adapter, register_adapter
 from .engine import VisionDropEngine
 from .llava import _ClassSwap, _feature_layer_index, _Install
 from .llm_stage import LLMStageSpans
-from .vision_capture import ClsRowCapture
+from .vision_capture import ClsRowCapture, FeatureCapture
 
 logger = logging.getLogger("vlmdrop")
 
@@ -125,7 +132,10 @@ class InternVLAdapter(Adapter):
         pad = getattr(self.config.text_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
         self.capture: ClsRowCapture | None = None
-        self._encoded: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.features: FeatureCapture | None = None
+        # (features, pixel_values, pooled CLS rows, keys (T, N', Dh) | None, hidden (T, N', 4C) | None)
+        self._encoded: tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor],
+                             torch.Tensor | None, torch.Tensor | None] | None = None
 
     def _shuffle_map(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Source patches of each post-shuffle token (in feature order), its raster index on the
@@ -155,6 +165,13 @@ class InternVLAdapter(Adapter):
                                              num_heads=self.num_heads, scale=self.scale, q_name="q_norm",
                                              k_name="k_norm", logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
                 inst.parts.append(self.capture)
+                needs = set(getattr(vision.config, "needs", ()))
+                if needs:  # feature-layer keys and the projector's (post-shuffle) input, for new rows
+                    self.features = FeatureCapture(
+                        k_proj=self.layers[self.feature_layer].attention.k_norm if "vit_keys" in needs else None,
+                        projector=self.base.multi_modal_projector if "vit_hidden" in needs else None,
+                        num_heads=self.num_heads)
+                    inst.parts.append(self.features)
                 inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
                 inst.parts.append(VisionDropEngine(self, vision, handle))
             if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
@@ -176,8 +193,10 @@ class InternVLAdapter(Adapter):
                                             return_dict=True)
 
     def _on_encoded(self, out: Any, pixel_values: torch.Tensor | None) -> None:
-        """Keep the tiles' pooled CLS rows and pixels until the forward that consumes these features."""
+        """Keep the tiles' pooled CLS rows, pixels and (for new rows) pooled keys and post-shuffle
+        features until the forward that consumes these features."""
         rows = self.capture.take() if self.capture is not None else {}
+        keys, hidden = self.features.take() if self.features is not None else (None, None)
         feats = out.pooler_output  # (T, N', D)
         n_tiles = feats.shape[0]
         pooled = {}
@@ -185,7 +204,17 @@ class InternVLAdapter(Adapter):
             if r.shape[0] != n_tiles:
                 raise AssertionError(f"captured {r.shape[0]} tiles for role {role!r}, features have {n_tiles}")
             pooled[role] = self._pool(r[:, :, 1:])  # (T, H, N') CLS column dropped, 2x2 sources summed
-        self._encoded = (feats, pixel_values, pooled)
+        for name, t in (("keys", keys), ("projector input", hidden)):
+            if t is not None and t.shape[0] != n_tiles:
+                raise AssertionError(f"captured {name} for {t.shape[0]} tiles, features have {n_tiles}")
+        if keys is not None:
+            keys = self._pool_keys(keys[:, 1:])  # (T, N', Dh) CLS row dropped, 2x2 sources averaged
+        if hidden is not None:
+            if hidden.shape[1] != self.tokens_per_tile:
+                raise AssertionError(f"projector input has {hidden.shape[1]} tokens per tile, "
+                                     f"expected {self.tokens_per_tile}")
+            hidden = self._to_raster(hidden)  # (T, N', 4C) post-shuffle raster order
+        self._encoded = (feats, pixel_values, pooled, keys, hidden)
 
     def _pool(self, rows: torch.Tensor) -> torch.Tensor:
         """(T, H, h*w) patch scores -> (T, H, N') post-shuffle scores in raster order (sum of sources)."""
@@ -194,13 +223,37 @@ class InternVLAdapter(Adapter):
         out[..., self.local_index.to(rows.device)] = by_token
         return out
 
+    def _to_raster(self, by_token: torch.Tensor) -> torch.Tensor:
+        """(T, N', X) post-shuffle tokens in feature order -> the same in post-shuffle raster order."""
+        out = torch.empty_like(by_token)
+        out[:, self.local_index.to(by_token.device)] = by_token
+        return out
+
+    def _pool_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """(T, h*w, Dh) patch keys -> (T, N', Dh) post-shuffle keys in raster order (mean of the 2x2 sources)."""
+        if keys.shape[1] != self.patch_hw[0] * self.patch_hw[1]:
+            raise AssertionError(f"keys have {keys.shape[1]} patches per tile, expected "
+                                 f"{self.patch_hw[0]}x{self.patch_hw[1]}")
+        by_token = keys[:, self.sources.to(keys.device)].mean(2)  # (T, N', k, Dh) -> (T, N', Dh) feature order
+        return self._to_raster(by_token)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, 4C) post-shuffle, pre-projector rows -> (n, D) LLM-space rows through the model's own projector."""
+        if self.features is not None:
+            self.features.paused = True
+        try:
+            return self.base.multi_modal_projector(rows)
+        finally:
+            if self.features is not None:
+                self.features.paused = False
+
     def split(self, enc: Any, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[ImageTokens]]:
         """Per-image visual rows and `ImageTokens`, grouping tiles by the placeholder runs of `input_ids`."""
         feats = enc.pooler_output
         if self._encoded is None or self._encoded[0] is not feats:
             raise ValueError("these image features were not encoded while vlmdrop was applied "
                              "(pass pixel_values, or call generate, with the method applied)")
-        _, pixels, pooled = self._encoded
+        _, pixels, pooled, keys, hidden = self._encoded
         counts = self._tiles_per_image(input_ids)
         if sum(counts) != feats.shape[0]:
             raise ValueError(f"the placeholders describe {sum(counts)} tiles ({counts} per image) but "
@@ -213,7 +266,12 @@ class InternVLAdapter(Adapter):
                 if pixels is None:
                     raise ValueError("vlmdrop needs the tiles' pixel_values to recover an InternVL image's tile grid")
                 grid = infer_tile_grid(pixels[start:start + n - 1], pixels[start + n - 1])
-            images.append(self._layout(n, {r: p[start:start + n] for r, p in pooled.items()}, grid))
+            im = self._layout(n, {r: p[start:start + n] for r, p in pooled.items()}, grid)
+            if keys is not None:
+                im.vit_keys = keys[start:start + n]  # (n, N', Dh) pooled keys, post-shuffle raster
+            if hidden is not None:
+                im.vit_hidden = hidden[start:start + n]  # (n, N', 4C) the projector's input, post-shuffle raster
+            images.append(im)
             start += n
         return out_feats, images
 

@@ -43,9 +43,12 @@ class ImageTokens:
         grid_hw: (rows, cols) of the sub-image grid (sub-images in raster order), None without sub-images.
         vit_hidden: (n_crops, h*w, C) feature-layer tokens of each crop in the space where a method may
             form new rows (pre-projector ViT features for LLaVA; the tower's residual stream for
-            open_clip), CLS removed; filled only when the method's config lists "vit_hidden" in `needs`.
-        vit_keys: (n_crops, h*w, Dh) that layer's keys averaged over heads, CLS removed; filled only
-            when the method's config lists "vit_keys" in `needs`.
+            open_clip; for InternVL the post-shuffle, pre-projector features, (tiles, h'*w', 4C), each
+            token the concatenation of its 2×2 source patches), CLS removed, in the crop's raster order
+            (`local_index`); filled only when the method's config lists "vit_hidden" in `needs`.
+        vit_keys: (n_crops, h*w, Dh) that layer's keys averaged over heads, CLS removed (InternVL:
+            (tiles, h'*w', Dh), then averaged over each post-shuffle token's 2×2 source patches); filled
+            only when the method's config lists "vit_keys" in `needs`.
     """
 
     n_before: int

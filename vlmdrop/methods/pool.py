@@ -2,9 +2,10 @@
 
 Formula: `vlmdrop.ops.pool.pool_grid` (exact count, raster order).  Each crop's share of the budget
 is proportional to its size (capped largest remainder, as for `random`); each crop's token grid --
-for LLaVA-NeXT only the patches that survive unpadding, a rectangle of the crop's h×w grid -- is
-average-pooled to exactly its share.  Pooling happens on the pre-projector features (the space of
-`ImageTokens.vit_hidden`); the pooled rows are then mapped by the model's own projector.
+for LLaVA-NeXT only the patches that survive unpadding, a rectangle of the crop's h×w grid; for
+InternVL each tile's post-shuffle grid -- is average-pooled to exactly its share.  Pooling happens on
+the pre-projector features (the space of `ImageTokens.vit_hidden`); the pooled rows are then mapped
+by the model's own projector.
 
 Every pooled row is a new row, so `kept_indices` holds only original positions passed through
 unchanged: whole crops whose share covers them (so `budget=1.0` is the identity) and LLaVA-NeXT

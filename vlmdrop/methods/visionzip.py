@@ -4,7 +4,7 @@ Formulas: `vlmdrop.ops.visionzip` (the official algorithm on one crop).  Budget 
 `vlmdrop.ops.budget`; accounting per crop as in `methods.common.select_per_crop`.
 
 For each crop (LLaVA-1.5: the image; LLaVA-NeXT: the base image and every sub-image; InternVL: every
-tile, once an adapter provides it) the crop's share `k` of the budget is split by
+tile, thumbnail last, on its post-shuffle grid) the crop's share `k` of the budget is split by
 `ops.visionzip.split_budget(k, ratio)` into `d` dominant tokens (top CLS attention of the feature
 layer, summed over heads) and `c` contextual tokens (the remaining tokens merged by key similarity
 into `c` evenly spaced targets).  Only the positions that reach the language model are candidates
