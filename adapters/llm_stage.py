@@ -236,11 +236,17 @@ class LLMStageEngine:
             while len(im.layer_tokens) < self.num_layers:
                 im.layer_tokens.append(int(im.present.numel()))
             st = im.base
-            kept = st.kept_indices[im.present.to(st.kept_indices.device)]
+            # the image's rows are the vision stage's kept positions, then its new (merged / pooled) rows
+            present = im.present.to(st.kept_indices.device)  # (n,) surviving rows, ascending
+            n_orig = int(st.kept_indices.numel())
+            kept = st.kept_indices[present[present < n_orig]]
+            new = (present[present >= n_orig] - n_orig).tolist()
+            groups = [st.new_groups[i] for i in new] if st.new_groups is not None else None
             name = f"{st.method}+{self.method.config.name}" if st.method else self.method.config.name
-            stats.append(ImageStats(sample=st.sample, n_before=st.n_before, n_kept=int(kept.numel()),
+            stats.append(ImageStats(sample=st.sample, n_before=st.n_before, n_kept=int(present.numel()),
                                     kept_indices=kept, crop_budgets=list(st.crop_budgets),
-                                    crop_kept=list(st.crop_kept), method=name, layer_tokens=list(im.layer_tokens)))
+                                    crop_kept=list(st.crop_kept), method=name, layer_tokens=list(im.layer_tokens),
+                                    n_new=len(new), new_groups=groups))
         self.on_stats(stats)
         cache = getattr(output, "cache", None)
         if cache is None and isinstance(output, dict):

@@ -300,6 +300,31 @@ def test_stacked_vision_and_llm_stage(kind):
         assert sum(s.crop_kept) == len(v)  # the vision stage's per-crop accounting
 
 
+@pytest.mark.parametrize("vision,vparams", [("visionzip", {"budget": 0.5}), ("pool", {"budget": 0.5})])
+def test_stacked_new_row_method_and_llm_stage(vision, vparams):
+    """A vision stage that makes new rows (merged / pooled) stacked with FastV: the LLM stage ranks
+    every visual row, and the stats split the survivors into original positions and new rows."""
+    model, proc = model_of("llava_next")
+    ref_model, _ = model_of("llava_next", "eager")
+    inputs = batch(proc, MIXED)
+    with torch.no_grad():
+        with vlmdrop.dropping(model, [vision, "fastv"], **{vision: vparams, "fastv": {"keep": 0.5}}) as h:
+            gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        with vlmdrop.dropping(ref_model, vision, **vparams) as hv:
+            ref_model(**inputs)
+            base = list(hv.stats.images)
+            ref, kept = reference_drop(ref_model, inputs, [s.n_kept for s in base], [2], _keep_fastv(0.5))
+            with ref:
+                ref_gen = ref_model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, ref_gen)
+    for s, b, k in zip(h.stats.images, base, kept):
+        n_orig = b.kept_indices.numel()
+        assert b.n_new > 0 and s.n_kept == round(0.5 * b.n_kept) == len(k)
+        assert s.kept_indices.tolist() == b.kept_indices[k[k < n_orig]].tolist()
+        assert s.n_new == int((k >= n_orig).sum()) and len(s.new_groups) == s.n_new
+        assert s.n_kept == s.kept_indices.numel() + s.n_new
+
+
 def _hooks(model):
     return {n: (len(m._forward_hooks), len(m._forward_pre_hooks), type(m)) for n, m in model.named_modules()}
 
