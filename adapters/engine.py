@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.interface import VisionMethod
 from vlmdrop.ops.budget import resolve_budget
 from vlmdrop.ops.compact import compact_positions, extend_mask, gather_rows, plan_compaction
 from vlmdrop.stats import DropStats, ImageStats

@@ -30,8 +30,6 @@ Where things are taken:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from typing import Any
 
@@ -39,34 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
+from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map
 
-from .base import Adapter, register_adapter
-from .engine import VisionDropEngine
-from .llava import _ClassSwap, _feature_layer_index, _Install
-from .llm_stage import LLMStageSpans
+from .base import register_adapter
+from .hf_vlm import HFVlmAdapter, feature_layer_index
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 logger = logging.getLogger("vlmdrop")
-
-
-@functools.cache
-def _recording_class(cls: type) -> type:
-    """A subclass of `cls` whose `get_image_features` reports `(output, pixel_values)` to a sink."""
-
-    sig = inspect.signature(cls.get_image_features)
-
-    def get_image_features(self, *args, **kwargs):
-        out = super(sub, self).get_image_features(*args, **kwargs)
-        sink = self.__dict__.get("_vlmdrop_sink")
-        if sink is not None:
-            sink(out, sig.bind_partial(self, *args, **kwargs).arguments.get("pixel_values"))
-        return out
-
-    sub = type(cls.__name__, (cls,), {"get_image_features": get_image_features, "__module__": cls.__module__,
-                                      "__qualname__": cls.__qualname__, "_vlmdrop_original": cls})
-    return sub
 
 
 def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
@@ -96,11 +74,13 @@ def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, 
 
 
 @register_adapter
-class InternVLAdapter(Adapter):
+class InternVLAdapter(HFVlmAdapter):
     """InternVL 2/2.5/3 on the Hugging Face `InternVLForConditionalGeneration` class."""
 
     supported = ("InternVLForConditionalGeneration",)
-    supports_llm_stage = True
+    attention_attr = "attention"
+    qk_names = ("q_norm", "k_norm")  # identity without qk-norm: the queries / keys the layer attends with
+    recorded_arg = "pixel_values"
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -122,7 +102,7 @@ class InternVLAdapter(Adapter):
         if self.config.vision_feature_select_strategy != "default":
             raise ValueError(f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
                              "vlmdrop supports 'default' (CLS removed) only")
-        self.feature_layer = _feature_layer_index(self.config.vision_feature_layer, len(self.layers))
+        self.feature_layer = feature_layer_index(self.config.vision_feature_layer, len(self.layers))
         vcfg = self.config.vision_config
         (ih, iw), (ph, pw) = vcfg.image_size, vcfg.patch_size
         self.patch_hw = (ih // ph, iw // pw)
@@ -151,38 +131,6 @@ class InternVLAdapter(Adapter):
         if not torch.equal(local.sort().values, torch.arange(hh * ww)):
             raise AssertionError(f"pixel_shuffle source map is not a permutation of the {hh}x{ww} grid")
         return sources, local, (int(hh), int(ww))
-
-    # ----------------------------------------------------------- installation
-    def install(self, method: VisionMethod | LLMMethod, handle: Any, *, llm: LLMMethod | None = None) -> _Install:
-        """Install `method` (vision or LLM stage); `llm` stacks an LLM-stage method after a vision one."""
-        vision = None if isinstance(method, LLMMethod) else method
-        llm = method if isinstance(method, LLMMethod) else llm
-        inst = _Install()
-        try:
-            if vision is not None:
-                roles = vision.vit_layers(len(self.layers), self.feature_layer)
-                self.capture = ClsRowCapture({r: self.layers[i].attention for r, i in roles.items()},
-                                             num_heads=self.num_heads, scale=self.scale, q_name="q_norm",
-                                             k_name="k_norm", logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
-                inst.parts.append(self.capture)
-                needs = set(getattr(vision.config, "needs", ()))
-                if needs:  # feature-layer keys and the projector's (post-shuffle) input, for new rows
-                    self.features = FeatureCapture(
-                        k_proj=self.layers[self.feature_layer].attention.k_norm if "vit_keys" in needs else None,
-                        projector=self.base.multi_modal_projector if "vit_hidden" in needs else None,
-                        num_heads=self.num_heads)
-                    inst.parts.append(self.features)
-                inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
-                inst.parts.append(VisionDropEngine(self, vision, handle))
-            if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
-                lm = self.base.language_model
-                inst.parts.append(LLMStageSpans(self, llm, handle, language_model=lm, layers=list(lm.layers),
-                                                rotary_emb=lm.rotary_emb, config=lm.config,
-                                                vision_stage=vision is not None))
-        except BaseException:
-            inst.remove()
-            raise
-        return inst
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:
@@ -236,16 +184,6 @@ class InternVLAdapter(Adapter):
                                  f"{self.patch_hw[0]}x{self.patch_hw[1]}")
         by_token = keys[:, self.sources.to(keys.device)].mean(2)  # (T, N', k, Dh) -> (T, N', Dh) feature order
         return self._to_raster(by_token)
-
-    def project(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, 4C) post-shuffle, pre-projector rows -> (n, D) LLM-space rows through the model's own projector."""
-        if self.features is not None:
-            self.features.paused = True
-        try:
-            return self.base.multi_modal_projector(rows)
-        finally:
-            if self.features is not None:
-                self.features.paused = False
 
     def split(self, enc: Any, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[ImageTokens]]:
         """Per-image visual rows and `ImageTokens`, grouping tiles by the placeholder runs of `input_ids`."""

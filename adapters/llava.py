@@ -16,80 +16,24 @@ Where things are taken:
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
+from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
-from .base import Adapter, register_adapter
-from .engine import VisionDropEngine
-from .llm_stage import LLMStageSpans
+from .base import register_adapter
+from .hf_vlm import HFVlmAdapter, feature_layer_index
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 
-def _feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
-    """ViT layer (0-based) whose output is `hidden_states[vision_feature_layer]`."""
-    if not isinstance(vision_feature_layer, int):
-        raise ValueError(f"vision_feature_layer={vision_feature_layer!r}: vlmdrop supports a single int feature layer")
-    if vision_feature_layer < 0:
-        return num_layers + vision_feature_layer
-    if vision_feature_layer == 0:
-        raise ValueError("vision_feature_layer=0 selects the patch embeddings; no ViT layer to score")
-    return vision_feature_layer - 1
-
-
-@functools.cache
-def _recording_class(cls: type) -> type:
-    """A subclass of `cls` whose `get_image_features` reports its inputs and output to an engine."""
-
-    sig = inspect.signature(cls.get_image_features)
-
-    def get_image_features(self, *args, **kwargs):
-        out = super(sub, self).get_image_features(*args, **kwargs)
-        sink = self.__dict__.get("_vlmdrop_sink")
-        if sink is not None:
-            bound = sig.bind_partial(self, *args, **kwargs)
-            sink(out, bound.arguments.get("image_sizes"))
-        return out
-
-    sub = type(cls.__name__, (cls,), {"get_image_features": get_image_features, "__module__": cls.__module__,
-                                      "__qualname__": cls.__qualname__, "_vlmdrop_original": cls})
-    return sub
-
-
-class _Install:
-    """Everything one `apply` put on the model, removable in one call."""
-
-    def __init__(self) -> None:
-        self.parts: list[Any] = []
-
-    def remove(self) -> None:
-        while self.parts:
-            self.parts.pop().remove()
-
-
-class _ClassSwap:
-    def __init__(self, module: nn.Module, new_cls: type, sink: Any) -> None:
-        self.module, self.original = module, type(module)
-        module.__class__ = new_cls
-        module.__dict__["_vlmdrop_sink"] = sink
-
-    def remove(self) -> None:
-        self.module.__class__ = self.original
-        self.module.__dict__.pop("_vlmdrop_sink", None)
-
-
 @register_adapter
-class LlavaAdapter(Adapter):
+class LlavaAdapter(HFVlmAdapter):
     """LLaVA-1.5 and LLaVA-NeXT on the Hugging Face classes."""
 
     supported = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-    supports_llm_stage = True
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -117,45 +61,13 @@ class LlavaAdapter(Adapter):
         if self.config.vision_feature_select_strategy != "default":
             raise ValueError(f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
                              "vlmdrop supports 'default' (CLS removed) only")
-        self.feature_layer = _feature_layer_index(self.config.vision_feature_layer, len(self.layers))
+        self.feature_layer = feature_layer_index(self.config.vision_feature_layer, len(self.layers))
         self.image_token_id = self.config.image_token_id
         pad = getattr(self.config.text_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
         self._described: dict[int, tuple[torch.Tensor, ImageTokens]] = {}
         self.capture: ClsRowCapture | None = None
         self.features: FeatureCapture | None = None
-
-    # ----------------------------------------------------------- installation
-    def install(self, method: VisionMethod | LLMMethod, handle: Any, *, llm: LLMMethod | None = None) -> _Install:
-        """Install `method` (vision or LLM stage); `llm` stacks an LLM-stage method after a vision one."""
-        vision = None if isinstance(method, LLMMethod) else method
-        llm = method if isinstance(method, LLMMethod) else llm
-        inst = _Install()
-        try:
-            if vision is not None:
-                roles = vision.vit_layers(len(self.layers), self.feature_layer)
-                self.capture = ClsRowCapture({r: self.layers[i].self_attn for r, i in roles.items()},
-                                             num_heads=self.num_heads, scale=self.scale,
-                                             logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
-                inst.parts.append(self.capture)
-                needs = set(getattr(vision.config, "needs", ()))
-                if needs:  # feature-layer keys and the projector's (pre-projector) input, for new rows
-                    self.features = FeatureCapture(
-                        k_proj=self.layers[self.feature_layer].self_attn.k_proj if "vit_keys" in needs else None,
-                        projector=self.base.multi_modal_projector if "vit_hidden" in needs else None,
-                        num_heads=self.num_heads)
-                    inst.parts.append(self.features)
-                inst.parts.append(_ClassSwap(self.base, _recording_class(type(self.base)), self._on_encoded))
-                inst.parts.append(VisionDropEngine(self, vision, handle))
-            if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
-                lm = self.base.language_model
-                inst.parts.append(LLMStageSpans(self, llm, handle, language_model=lm, layers=list(lm.layers),
-                                                rotary_emb=lm.rotary_emb, config=lm.config,
-                                                vision_stage=vision is not None))
-        except BaseException:
-            inst.remove()
-            raise
-        return inst
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:
@@ -214,16 +126,6 @@ class LlavaAdapter(Adapter):
                                       base_region=im.base_region, grid_hw=im.grid_hw,
                                       vit_hidden=im.vit_hidden, vit_keys=im.vit_keys))
         return images
-
-    def project(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, C) pre-projector rows -> (n, D) LLM-space rows through the model's own projector."""
-        if self.features is not None:
-            self.features.paused = True
-        try:
-            return self.base.multi_modal_projector(rows)
-        finally:
-            if self.features is not None:
-                self.features.paused = False
 
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
         new = type(enc)(**{k: v for k, v in enc.items()})
