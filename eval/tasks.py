@@ -575,15 +575,64 @@ class EasyVQA(Task):
         return M.exact_match(prediction, target)
 
 
+class EasyVQAHR(Task):
+    """Task "easyvqa-hr" (``vlmdrop.zoo.easyvqa_hr``): easy-VQA shapes pasted small onto large cluttered
+    canvases, generated on the fly from the ``easy-vqa`` package's test split (seed 0), balanced over
+    question types and answers. Score: GQA exact match; the aggregate adds the accuracy per question
+    type (``shape``, ``color``, ``yes_no``). ``meta`` carries the question type, the shape's bbox and the
+    canvas size (for "did the kept tokens touch the shape")."""
+
+    name, title = "easyvqa-hr", "easyvqa-hr (generated from easy-VQA test)"
+    hf_splits = ("test",)
+    max_new_tokens = 8
+    metric = "exact_match"
+    builtin_data = True
+    seed = 0
+    layout = (
+        "no --data: generated from the test split shipped by the `easy-vqa` package (seed 0)\n"
+        "prompt: '{question}\\nAnswer the question using a single word or phrase.'; score: GQA exact match"
+    )
+
+    def load(self, data, limit=None):
+        if data is not None:  # --data may be a parent folder shared with other tasks
+            log.warning("task %s is generated from the easy-vqa package; ignoring --data %s", self.name, data)
+        items = list(self.load_release(None, limit))
+        if not items:
+            raise EmptyDatasetError(f"no {self.name} samples generated (limit={limit!r})")
+        return items
+
+    def load_release(self, root, limit=None):
+        try:
+            from vlmdrop.zoo.easyvqa_hr import easyvqa_hr_records
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("task easyvqa-hr needs `pip install easy-vqa`") from e
+        for i, r in enumerate(easyvqa_hr_records("test", seed=self.seed, n=limit)):
+            yield _guard(i, lambda r=r: Sample(
+                r["id"], r["question"], r["question"] + SHORT_ANSWER, r["image"], r["answer"],
+                {"qtype": r["qtype"], "bbox": list(r["bbox"]), "image_size": list(r["image"].size)}), rid=r["id"])
+
+    def score(self, target, meta, prediction):
+        return M.exact_match(prediction, target)
+
+    def aggregate(self, records):
+        out = super().aggregate(records)
+        for qtype in ("shape", "color", "yes_no"):
+            s = [r["score"] for r in records if r.get("meta", {}).get("qtype") == qtype and r.get("score") is not None]
+            if s:
+                out[qtype] = 100 * statistics.mean(s)
+        return out
+
+
 def _build() -> dict[str, Task]:
     tasks: list[Task] = [VQAv2("val"), VQAv2("testdev"), TextVQA(), GQA(), POPE("random"), POPE("popular"),
-                         POPE("adversarial"), ScienceQAImg(), MME(), DocVQA(), ChartQA(), OCRBench(), EasyVQA()]
+                         POPE("adversarial"), ScienceQAImg(), MME(), DocVQA(), ChartQA(), OCRBench(), EasyVQA(), EasyVQAHR()]
     return {t.name: t for t in tasks}
 
 
 TASKS: dict[str, Task] = _build()
 ALIASES = {"vqav2": "vqav2_val", "textvqa": "textvqa_val", "docvqa": "docvqa_val", "pope_pop": "pope_popular",
-           "pope_adv": "pope_adversarial", "scienceqa": "scienceqa_img", "gqa_testdev": "gqa", "easy_vqa": "easyvqa"}
+           "pope_adv": "pope_adversarial", "scienceqa": "scienceqa_img", "gqa_testdev": "gqa", "easy_vqa": "easyvqa",
+           "easyvqa_hr": "easyvqa-hr"}
 
 
 def task_names() -> list[str]:
