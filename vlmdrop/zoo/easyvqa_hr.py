@@ -482,7 +482,9 @@ def _check_args(split: str, seed: int, n: int | None) -> tuple[_Split, int]:
     return src, int(n)
 
 
-def easyvqa_hr_records(split: str, seed: int = 0, n: int | None = None) -> Iterator[dict[str, Any]]:
+def easyvqa_hr_records(
+    split: str, seed: int = 0, n: int | None = None, *, start: int = 0
+) -> Iterator[dict[str, Any]]:
     """Yield the samples of task "easyvqa-hr" as dicts.
 
     Keys: ``id`` (str, unique per split/seed/index), ``image`` (RGB ``PIL.Image`` of a
@@ -492,13 +494,17 @@ def easyvqa_hr_records(split: str, seed: int = 0, n: int | None = None) -> Itera
     drawn), ``source`` (``"<split>/<image id>"`` of the easy-VQA image) and
     ``source_question`` (index into easy-VQA's questions.json of the split).
 
-    ``n=None`` yields :func:`easyvqa_hr_max_n` samples.  Raises ``ValueError`` for an
-    unknown split, a negative seed, or ``n`` beyond that maximum.
+    ``n=None`` yields :func:`easyvqa_hr_max_n` samples.  ``start`` skips to sample
+    ``start`` without rendering the ones before it (samples ``start .. n-1``; random access
+    for resumable training).  Raises ``ValueError`` for an unknown split, a negative seed,
+    ``n`` beyond that maximum, or a negative ``start``.
     """
     src, count = _check_args(split, seed, n)
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got {start!r}")
     planner = _Planner(src, int(seed))
     code = _split_code(split)
-    for i in range(count):
+    for i in range(int(start), count):
         q, qtype = planner.question(i)
         image, bbox, color = _render(src, q, _rng(int(seed), code, _K_RENDER, i))
         yield {
