@@ -52,6 +52,10 @@ def test_deterministic_and_seed_dependent() -> None:
     assert _fingerprint(a) == _fingerprint(b)
     prefix = list(easyvqa_hr_records("train", seed=7, n=5))
     assert _fingerprint(prefix) == _fingerprint(a[:5])
+    suffix = list(easyvqa_hr_records("train", seed=7, n=12, start=9))  # random access, same samples
+    assert _fingerprint(suffix) == _fingerprint(a[9:])
+    with pytest.raises(ValueError, match="-3"):
+        next(easyvqa_hr_records("train", seed=7, n=12, start=-3))
     c = list(easyvqa_hr_records("train", seed=8, n=12))
     assert all(x["image"].tobytes() != y["image"].tobytes() for x, y in zip(a, c))
     assert [x["question"] for x in a] != [y["question"] for y in c]

@@ -1,0 +1,68 @@
+"""vlmdrop.zoo.train: a few steps end to end, the saved folder loads through from_pretrained /
+AutoProcessor, the early chance check stops a run, and the AnyRes tile mapping is right."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("easy_vqa")
+
+from vlmdrop.zoo.mini import MiniConfig, build_mini_processor  # noqa: E402
+from vlmdrop.zoo.train import ChanceError, TrainArgs, shape_tile_index, train, zoom_view  # noqa: E402
+
+SMALL = MiniConfig(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+
+
+def _args(out, **kw):
+    base = dict(out=str(out), seed=0, minutes=5, steps_a=2, steps_b=3, batch=2, eval_n=3, check_at=0,
+                save_every=2, progress=False, model=SMALL)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_tiny_run_end_to_end_and_loads(tmp_path):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    out = tmp_path / "run"
+    result = train(_args(out))
+    assert result["finished"] and set(result) >= {"shape", "color", "yes_no", "all"}
+    assert (out / "model.safetensors").is_file() and (out / "train_state.pt").is_file()
+    model = LlavaNextForConditionalGeneration.from_pretrained(out, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(processor, LlavaNextProcessor)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = processor(images=Image.new("RGB", (336, 672), "white"), text=prompt, return_tensors="pt")
+    assert "<unk>" not in processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 2
+    # a second call on the finished folder resumes from the saved state: same weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert train(_args(out))["finished"]
+    again = LlavaNextForConditionalGeneration.from_pretrained(out).state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in before)
+
+
+def test_early_check_stops_a_run_at_chance(tmp_path):
+    with pytest.raises(ChanceError, match=r"shape accuracy .* chance 0\.333"):
+        train(_args(tmp_path / "chance", steps_a=0, steps_b=2, check_at=0.5, check_shape=1.01))
+    assert (tmp_path / "chance" / "train_state.pt").is_file()
+
+
+@pytest.mark.parametrize("size", [(336, 672), (672, 336), (672, 672), (1008, 336), (500, 700), (700, 500)])
+def test_shape_tile_index_finds_the_tile_with_the_shape(size):
+    processor = build_mini_processor()
+    ip = processor.image_processor
+    w, h = size
+    rng = np.random.default_rng(w * 7 + h)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        img = Image.new("RGB", size, "white")
+        img.paste(Image.new("RGB", (40, 40), (255, 0, 0)), (x0, y0))
+        pv = ip(images=[img], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
+        red = ((pv[:, 0] > 1.0) & (pv[:, 1] < -1.0)).flatten(1).sum(1)  # (P,) red pixels per view
+        tile = shape_tile_index(size, (x0, y0, x0 + 40, y0 + 40), ip.image_grid_pinpoints, 168)
+        assert tile >= 1 and red[tile] == red[1:].max() > 0, (size, (x0, y0), tile, red.tolist())
+    view = zoom_view(img, (x0, y0, x0 + 40, y0 + 40), rng, 168)
+    assert view.size == (168, 168)

@@ -1,0 +1,411 @@
+"""Train the miniature LLaVA-NeXT of `vlmdrop.zoo.mini` on task "easyvqa-hr".
+
+Usage::
+
+    python -m vlmdrop.zoo.train --out DIR --minutes 35 --seed 0 [--steps-a N --steps-b N --batch B]
+
+Two stages, both defined in steps (so a run is deterministic whatever the machine speed):
+
+* **A — tower pre-training.**  The CLIP tower classifies shape (3) and colour (8) from its CLS
+  token (``pooler_output``, two linear heads that are not part of the saved model) on the views
+  the LLM will see: the 168 px base image, the AnyRes tile holding the shape's centre, and a
+  zoomed 168 px view around the shape.  To answer, the CLS token must attend to the shape, which
+  is the saliency HiRED reads.
+* **B — VLM training.**  The whole model, the tower at ``--tower-lr-scale`` x the LR.  Loss on the
+  answer token and ``</s>`` only; the generator balances question types and answers.  A
+  curriculum first feeds zoomed 168 px views only (one AnyRes tile: the shape is large, the
+  sequence short), then full canvases with a share ``--zoom-mix`` of zoomed views.
+
+Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` of the stage's
+stream (seeded), and every random choice is keyed on ``(seed, stage, t, j)``: resuming from the
+state saved in ``DIR/train_state.pt`` (every ``--save-every`` steps and at the ``--minutes`` cap)
+gives the same run.  An early check (``--check-at``, fraction of stage B) aborts when shape or
+colour accuracy on held-out samples is still near chance.  At the end ``DIR`` holds the model
+(``save_pretrained``, safetensors) and the processor, loadable with ``from_pretrained`` /
+``AutoProcessor``, plus ``train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import select_best_resolution
+
+from .easyvqa_hr import ANSWER_COLORS, QTYPES, SHAPES, easyvqa_hr_max_n, easyvqa_hr_records
+from .mini import MiniConfig, build_mini
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainArgs", "ChanceError", "train", "evaluate_answers", "zoom_view", "shape_tile_index", "main"]
+
+SUFFIX = "\nAnswer the question using a single word or phrase."
+STATE = "train_state.pt"
+_STAGE_A, _STAGE_B, _EVAL = 1, 2, 3
+
+
+class ChanceError(RuntimeError):
+    """The early check found shape or colour accuracy still near chance."""
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    out: str
+    seed: int = 0
+    minutes: float = 35.0
+    steps_a: int = 1500
+    steps_b: int = 6000
+    batch: int = 8
+    lr_a: float = 1e-3
+    lr_b: float = 5e-4
+    tower_lr_scale: float = 0.1
+    zoom_only: float = 0.3  # fraction of stage B fed zoomed views only
+    zoom_mix: float = 0.25  # share of zoomed views afterwards
+    check_at: float = 0.5  # fraction of stage B at which the chance check runs (<= 0: never)
+    check_shape: float = 0.45  # chance 1/3
+    check_color: float = 0.25  # chance 1/8
+    eval_n: int = 96
+    save_every: int = 200
+    threads: int = 0
+    progress: bool = True
+    model: MiniConfig = field(default_factory=MiniConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps_a", "steps_b"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if not 0.0 <= self.zoom_only <= 1.0 or not 0.0 <= self.zoom_mix <= 1.0:
+            raise ValueError(f"zoom_only={self.zoom_only} and zoom_mix={self.zoom_mix} must lie in [0, 1]")
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(keys))))
+
+
+def zoom_view(image: Image.Image, bbox: Sequence[int], rng: np.random.Generator, size: int) -> Image.Image:
+    """A square crop holding ``bbox`` whose side is 2-4x the box's longer side, resized to ``size`` px."""
+    w, h = image.size
+    x0, y0, x1, y1 = bbox
+    side = int(round(max(x1 - x0, y1 - y0) * rng.uniform(2.0, 4.0)))
+    side = max(min(side, w, h), x1 - x0, y1 - y0)
+    cx = int(rng.integers(max(0, x1 - side), min(x0, w - side) + 1))
+    cy = int(rng.integers(max(0, y1 - side), min(y0, h - side) + 1))
+    return image.crop((cx, cy, cx + side, cy + side)).resize((size, size), Image.BICUBIC)
+
+
+def shape_tile_index(image_size: tuple[int, int], bbox: Sequence[int], pinpoints: list[list[int]], crop: int) -> int:
+    """Index in the processor's ``pixel_values`` of the AnyRes tile holding the bbox centre (0 is the base image).
+
+    Mirrors ``LlavaNextImageProcessor``: aspect-preserving resize to the best pinpoint, centred
+    zero padding, raster order of ``crop`` px tiles after the base image.
+    """
+    w, h = image_size
+    th, tw = select_best_resolution((h, w), pinpoints)
+    sw, sh = tw / w, th / h
+    if sw < sh:
+        nw, nh = tw, min(math.ceil(h * sw), th)
+    else:
+        nh, nw = th, min(math.ceil(w * sh), tw)
+    px, py = (tw - nw) // 2, (th - nh) // 2
+    cx = px + (bbox[0] + bbox[2]) / 2 * nw / w
+    cy = py + (bbox[1] + bbox[3]) / 2 * nh / h
+    col = min(int(cx // crop), tw // crop - 1)
+    row = min(int(cy // crop), th // crop - 1)
+    return 1 + row * (tw // crop) + col
+
+
+def _stream(split: str, seed: int, start: int, count: int) -> Iterator[dict[str, Any]]:
+    """``count`` records from index ``start`` of the split's stream, wrapping around."""
+    total = easyvqa_hr_max_n(split)
+    i = start % total
+    while count > 0:
+        take = min(count, total - i)
+        yield from easyvqa_hr_records(split, seed=seed, n=i + take, start=i)
+        count -= take
+        i = 0
+
+
+def _prompt(processor: Any, question: str) -> str:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + SUFFIX}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.shape = torch.nn.Linear(hidden, len(SHAPES))
+        self.color = torch.nn.Linear(hidden, len(ANSWER_COLORS))
+
+
+def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(views (V, 3, s, s), shape labels (V,), colour labels (V,)) for step ``step`` of stage A."""
+    cfg = args.model
+    recs = list(_stream("train", args.seed + 1000, step * args.batch, args.batch))
+    ip = processor.image_processor
+    views, shapes, colors = [], [], []
+    for j, r in enumerate(recs):
+        rng = _rng(args.seed, _STAGE_A, step, j)
+        pv = ip(images=[r["image"]], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
+        tile = shape_tile_index(r["image"].size, r["bbox"], ip.image_grid_pinpoints, cfg.crop)
+        zoom = ip(images=[zoom_view(r["image"], r["bbox"], rng, cfg.crop)], return_tensors="pt")["pixel_values"][0]
+        views += [pv[0], pv[tile], zoom[1]]
+        shapes += [SHAPES.index(r["shape"])] * 3
+        colors += [list(ANSWER_COLORS).index(r["color"])] * 3
+    return torch.stack(views), torch.tensor(shapes), torch.tensor(colors)
+
+
+def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
+    cfg = args.model
+    zoom_p = 1.0 if step < args.zoom_only * args.steps_b else args.zoom_mix
+    images, texts = [], []
+    for j, r in enumerate(_stream("train", args.seed, step * args.batch, args.batch)):
+        rng = _rng(args.seed, _STAGE_B, step, j)
+        zoomed = rng.uniform() < zoom_p
+        images.append(zoom_view(r["image"], r["bbox"], rng, cfg.crop) if zoomed else r["image"])
+        texts.append(_prompt(processor, r["question"]) + " " + r["answer"] + processor.tokenizer.eos_token)
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -2:] = batch["input_ids"][:, -2:]  # left padding: answer word + </s> are the last two
+    batch["labels"] = labels
+    return dict(batch)
+
+
+@torch.no_grad()
+def evaluate_answers(model: Any, processor: Any, records: Sequence[dict[str, Any]], batch: int = 8) -> dict[str, float]:
+    """Greedy first-token accuracy per question type (and overall) on easyvqa-hr ``records``."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[float]] = {q: [] for q in QTYPES}
+    for i in range(0, len(records), batch):
+        chunk = records[i : i + batch]
+        inputs = processor(images=[r["image"] for r in chunk], text=[_prompt(processor, r["question"]) for r in chunk],
+                           return_tensors="pt", padding=True)
+        pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
+        for r, p in zip(chunk, pred.tolist()):
+            hits[r["qtype"]].append(float(processor.tokenizer.convert_ids_to_tokens(p) == r["answer"]))
+    model.train(was_training)
+    out = {q: float(np.mean(v)) for q, v in hits.items() if v}
+    out["all"] = float(np.mean([x for v in hits.values() for x in v]))
+    return out
+
+
+@torch.no_grad()
+def _evaluate_tower(model: Any, heads: _Heads, processor: Any, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    ip = processor.image_processor
+    pv = torch.stack([ip(images=[r["image"]], return_tensors="pt")["pixel_values"][0][0] for r in records])
+    pooled = model.model.vision_tower(pv).pooler_output
+    shapes = torch.tensor([SHAPES.index(r["shape"]) for r in records])
+    colors = torch.tensor([list(ANSWER_COLORS).index(r["color"]) for r in records])
+    return {"base_shape": float((heads.shape(pooled).argmax(-1) == shapes).float().mean()),
+            "base_color": float((heads.color(pooled).argmax(-1) == colors).float().mean())}
+
+
+def _lr(step: int, total: int, peak: float) -> float:
+    warm = max(1, min(100, total // 10))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _optimizers(model: Any, heads: _Heads, args: TrainArgs) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    tower = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    opt_a = torch.optim.AdamW(tower + list(heads.parameters()), lr=args.lr_a, weight_decay=0.01)
+    opt_b = torch.optim.AdamW([{"params": tower, "scale": args.tower_lr_scale}, {"params": rest, "scale": 1.0}],
+                              lr=args.lr_b, weight_decay=0.01)
+    return opt_a, opt_b
+
+
+def _save_state(path: Path, model: Any, heads: _Heads, opts: tuple, stage: str, step: int, log_rows: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opts[0].state_dict(),
+                "opt_b": opts[1].state_dict(), "stage": stage, "step": step, "log": log_rows}, tmp)
+    tmp.replace(path)
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Run (or resume) training into ``args.out``; returns the final metrics.
+
+    Raises :class:`ChanceError` when the early check fails; returns ``{"finished": False}`` when the
+    ``minutes`` cap is reached first (state saved: run again to resume).
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model, processor = build_mini(args.model, seed=args.seed)
+    heads = _Heads(args.model.vision_hidden)
+    opts = _optimizers(model, heads, args)
+    stage, step, log_rows = "A", 0, []
+    state_path = out / STATE
+    (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1), encoding="utf-8")
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        heads.load_state_dict(st["heads"])
+        opts[0].load_state_dict(st["opt_a"])
+        opts[1].load_state_dict(st["opt_b"])
+        stage, step, log_rows = st["stage"], st["step"], st["log"]
+        log.info("resumed from %s: stage %s step %d", state_path, stage, step)
+    held_out = list(easyvqa_hr_records("test", seed=args.seed, n=args.eval_n))
+
+    def out_of_time() -> bool:
+        return time.monotonic() - t_start > 60.0 * args.minutes
+
+    def record(row: dict) -> None:
+        log_rows.append(row)
+        log.info("%s", row)
+        with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    model.train()
+    if stage == "A":
+        bar = tqdm(total=args.steps_a, initial=step, desc="stage A (tower CLS)", disable=not args.progress)
+        ema = None
+        while step < args.steps_a:
+            if out_of_time():
+                _save_state(state_path, model, heads, opts, stage, step, log_rows)
+                bar.close()
+                return {"finished": False, "stage": stage, "step": step}
+            views, ys, yc = _stage_a_batch(args, processor, step)
+            for g in opts[0].param_groups:
+                g["lr"] = _lr(step, args.steps_a, args.lr_a)
+            pooled = model.model.vision_tower(views).pooler_output  # (V, D)
+            loss = F.cross_entropy(heads.shape(pooled), ys) + F.cross_entropy(heads.color(pooled), yc)
+            opts[0].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(opts[0].param_groups[0]["params"], 1.0)
+            opts[0].step()
+            step += 1
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}")
+            if step % args.save_every == 0 or step == args.steps_a:
+                _save_state(state_path, model, heads, opts, stage, step, log_rows)
+        bar.close()
+        model.eval()
+        row = {"stage": "A", "step": step, **_evaluate_tower(model, heads, processor, held_out)}
+        model.train()
+        record(row)
+        stage, step = "B", 0
+        _save_state(state_path, model, heads, opts, stage, step, log_rows)
+
+    check_step = int(args.check_at * args.steps_b) if args.check_at > 0 else -1
+    bar = tqdm(total=args.steps_b, initial=step, desc="stage B (VLM)", disable=not args.progress)
+    ema = None
+    while step < args.steps_b:
+        if out_of_time():
+            _save_state(state_path, model, heads, opts, stage, step, log_rows)
+            bar.close()
+            partial = out / "partial"  # the model as it stands, for a look before resuming
+            model.save_pretrained(partial, safe_serialization=True)
+            processor.save_pretrained(partial)
+            return {"finished": False, "stage": stage, "step": step}
+        batch = _stage_b_batch(args, processor, step)
+        for g in opts[1].param_groups:
+            g["lr"] = _lr(step, args.steps_b, args.lr_b) * g["scale"]
+        loss = model(**batch).loss
+        opts[1].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[1].step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if step == check_step:
+            acc = evaluate_answers(model, processor, held_out)
+            record({"stage": "B", "step": step, "check": True, **acc})
+            if acc.get("shape", 0.0) < args.check_shape or acc.get("color", 0.0) < args.check_color:
+                _save_state(state_path, model, heads, opts, stage, step, log_rows)
+                bar.close()
+                raise ChanceError(
+                    f"early check at stage B step {step}/{args.steps_b}: shape accuracy {acc.get('shape', 0.0):.3f} "
+                    f"(need >= {args.check_shape}, chance 0.333), colour accuracy {acc.get('color', 0.0):.3f} "
+                    f"(need >= {args.check_color}, chance 0.125) on {len(held_out)} held-out samples; "
+                    f"the LM is not reading the image. Stopped; state saved in {state_path}."
+                )
+        if step % args.save_every == 0 or step == args.steps_b:
+            _save_state(state_path, model, heads, opts, stage, step, log_rows)
+    bar.close()
+    acc = evaluate_answers(model, processor, held_out)
+    record({"stage": "done", "step": step, **acc})
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return {"finished": True, **acc}
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainArgs(out="")
+    p = argparse.ArgumentParser(prog="python -m vlmdrop.zoo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (resumed from when it holds a train_state.pt)")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="wall-clock cap; state is saved when reached")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps-a", type=int, default=d.steps_a, help="tower pre-training steps")
+    p.add_argument("--steps-b", type=int, default=d.steps_b, help="VLM training steps")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr-a", type=float, default=d.lr_a)
+    p.add_argument("--lr-b", type=float, default=d.lr_b)
+    p.add_argument("--tower-lr-scale", type=float, default=d.tower_lr_scale)
+    p.add_argument("--zoom-only", type=float, default=d.zoom_only)
+    p.add_argument("--zoom-mix", type=float, default=d.zoom_mix)
+    p.add_argument("--check-at", type=float, default=d.check_at, help="fraction of stage B for the chance check (0: off)")
+    p.add_argument("--eval-n", type=int, default=d.eval_n)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = TrainArgs(out=a.out, seed=a.seed, minutes=a.minutes, steps_a=a.steps_a, steps_b=a.steps_b, batch=a.batch,
+                     lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
+                     zoom_mix=a.zoom_mix, check_at=a.check_at, eval_n=a.eval_n, save_every=a.save_every,
+                     threads=a.threads, progress=not a.no_progress)
+    try:
+        result = train(args)
+    except ChanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not result["finished"]:
+        print(f"time cap of {a.minutes} min reached at stage {result['stage']} step {result['step']}; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 3
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
