@@ -37,6 +37,15 @@ def test_tiny_run_end_to_end_and_loads(tmp_path):
     assert "<unk>" not in processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert gen.shape[1] == inputs["input_ids"].shape[1] + 2
+    # the evaluation module runs on the saved model, with and without dropping
+    from vlmdrop.zoo.easyvqa_hr import easyvqa_hr_records
+    from vlmdrop.zoo.evaluate import evaluate_dropping
+
+    recs = list(easyvqa_hr_records("test", seed=0, n=4))
+    full = evaluate_dropping(model, processor, recs, None, 1.0, batch=4)
+    hired = evaluate_dropping(model, processor, recs, "hired", 0.1, batch=4)
+    assert full["touch"] == 1.0 and 0.0 <= hired["touch_grid"] <= hired["touch"] <= 1.0
+    assert hired["kept_mean"] < 30
     # a second call on the finished folder resumes from the saved state: same weights
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert train(_args(out))["finished"]
