@@ -75,3 +75,8 @@ def test_shape_tile_index_finds_the_tile_with_the_shape(size):
         assert tile >= 1 and red[tile] == red[1:].max() > 0, (size, (x0, y0), tile, red.tolist())
     view = zoom_view(img, (x0, y0, x0 + 40, y0 + 40), rng, 168)
     assert view.size == (168, 168)
+
+
+def test_stage_a_check_reports_tower_accuracy(tmp_path):
+    with pytest.raises(ChanceError, match=r"end of stage A .* colour accuracy .* chance 0\.125"):
+        train(_args(tmp_path / "a", steps_a=1, steps_b=2, check_at=0.5, check_color=1.01, check_shape=0.0))

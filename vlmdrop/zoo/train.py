@@ -211,14 +211,38 @@ def evaluate_answers(model: Any, processor: Any, records: Sequence[dict[str, Any
 
 
 @torch.no_grad()
-def _evaluate_tower(model: Any, heads: _Heads, processor: Any, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+def _evaluate_tower(model: Any, heads: _Heads, processor: Any, records: Sequence[dict[str, Any]], crop: int,
+                    seed: int) -> dict[str, float]:
+    """CLS-head accuracy for shape and colour on the three kinds of view stage A trains on."""
+    was_training = model.training
+    model.eval()
     ip = processor.image_processor
-    pv = torch.stack([ip(images=[r["image"]], return_tensors="pt")["pixel_values"][0][0] for r in records])
-    pooled = model.model.vision_tower(pv).pooler_output
+    views: dict[str, list[torch.Tensor]] = {"base": [], "tile": [], "zoom": []}
+    for j, r in enumerate(records):
+        pv = ip(images=[r["image"]], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
+        tile = shape_tile_index(r["image"].size, r["bbox"], ip.image_grid_pinpoints, crop)
+        zoom = zoom_view(r["image"], r["bbox"], _rng(seed, _EVAL, j), crop)
+        views["base"].append(pv[0])
+        views["tile"].append(pv[tile])
+        views["zoom"].append(ip(images=[zoom], return_tensors="pt")["pixel_values"][0][1])
     shapes = torch.tensor([SHAPES.index(r["shape"]) for r in records])
     colors = torch.tensor([list(ANSWER_COLORS).index(r["color"]) for r in records])
-    return {"base_shape": float((heads.shape(pooled).argmax(-1) == shapes).float().mean()),
-            "base_color": float((heads.color(pooled).argmax(-1) == colors).float().mean())}
+    out = {}
+    for kind, v in views.items():
+        pooled = model.model.vision_tower(torch.stack(v)).pooler_output  # (N, D)
+        out[f"{kind}_shape"] = float((heads.shape(pooled).argmax(-1) == shapes).float().mean())
+        out[f"{kind}_color"] = float((heads.color(pooled).argmax(-1) == colors).float().mean())
+    model.train(was_training)
+    return out
+
+
+def _check(where: str, shape: float, color: float, args: TrainArgs, n: int, path: Path) -> None:
+    failed = [f"{name} accuracy {acc:.3f} (need >= {need}, chance {chance})"
+              for name, acc, need, chance in (("shape", shape, args.check_shape, "0.333"),
+                                              ("colour", color, args.check_color, "0.125")) if acc < need]
+    if failed:
+        raise ChanceError(f"early check at {where}: {'; '.join(failed)} on {n} held-out samples. "
+                          f"Stopped; state saved in {path} (rerun with --check-at 0 to go on anyway).")
 
 
 def _lr(step: int, total: int, peak: float) -> float:
@@ -311,13 +335,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
             bar.set_postfix(loss=f"{ema:.3f}")
             if step % args.save_every == 0 or step == args.steps_a:
                 _save_state(state_path, model, heads, opts, stage, step, log_rows)
+                record({"stage": "A", "step": step, "loss": ema,
+                        **_evaluate_tower(model, heads, processor, held_out, args.model.crop, args.seed)})
         bar.close()
-        model.eval()
-        row = {"stage": "A", "step": step, **_evaluate_tower(model, heads, processor, held_out)}
-        model.train()
-        record(row)
         stage, step = "B", 0
         _save_state(state_path, model, heads, opts, stage, step, log_rows)
+        if args.check_at > 0 and args.steps_a > 0:  # the tower must see shapes where they are large
+            last = log_rows[-1]
+            _check("the end of stage A (tower CLS heads on zoomed views)", last["zoom_shape"], last["zoom_color"],
+                   args, len(held_out), state_path)
 
     check_step = int(args.check_at * args.steps_b) if args.check_at > 0 else -1
     bar = tqdm(total=args.steps_b, initial=step, desc="stage B (VLM)", disable=not args.progress)
@@ -345,15 +371,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if step == check_step:
             acc = evaluate_answers(model, processor, held_out)
             record({"stage": "B", "step": step, "check": True, **acc})
-            if acc.get("shape", 0.0) < args.check_shape or acc.get("color", 0.0) < args.check_color:
-                _save_state(state_path, model, heads, opts, stage, step, log_rows)
+            _save_state(state_path, model, heads, opts, stage, step, log_rows)
+            try:
+                _check(f"stage B step {step}/{args.steps_b}", acc.get("shape", 0.0), acc.get("color", 0.0), args,
+                       len(held_out), state_path)
+            except ChanceError:
                 bar.close()
-                raise ChanceError(
-                    f"early check at stage B step {step}/{args.steps_b}: shape accuracy {acc.get('shape', 0.0):.3f} "
-                    f"(need >= {args.check_shape}, chance 0.333), colour accuracy {acc.get('color', 0.0):.3f} "
-                    f"(need >= {args.check_color}, chance 0.125) on {len(held_out)} held-out samples; "
-                    f"the LM is not reading the image. Stopped; state saved in {state_path}."
-                )
+                raise
         if step % args.save_every == 0 or step == args.steps_b:
             _save_state(state_path, model, heads, opts, stage, step, log_rows)
     bar.close()
