@@ -66,6 +66,7 @@ class MiniConfig:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
+    feature_layer: int = -2  # hidden_states index the LLM receives (LLaVA: -2); 1 = after the first ViT layer
 
     def __post_init__(self) -> None:
         if self.crop % self.patch:
@@ -124,7 +125,7 @@ def build_mini(cfg: MiniConfig = MiniConfig(), *, seed: int = 0) -> tuple[LlavaN
     )
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints(cfg.crop), vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints(cfg.crop), vision_feature_layer=cfg.feature_layer, vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
