@@ -80,3 +80,18 @@ def test_shape_tile_index_finds_the_tile_with_the_shape(size):
 def test_stage_a_check_reports_tower_accuracy(tmp_path):
     with pytest.raises(ChanceError, match=r"end of stage A .* colour accuracy .* chance 0\.125"):
         train(_args(tmp_path / "a", steps_a=1, steps_b=2, check_at=0.5, check_color=1.01, check_shape=0.0))
+
+
+def test_cli_runs_and_writes_the_model(tmp_path, capsys):
+    import json
+
+    from vlmdrop.zoo.train import main
+
+    out = tmp_path / "cli"
+    rc = main(["--out", str(out), "--steps-a", "1", "--steps-b", "1", "--batch", "1", "--eval-n", "2", "--check-at", "0",
+               "--no-progress", "--crop", "56", "--patch", "14", "--vision-layers", "2", "--text-layers", "1",
+               "--feature-layer", "1"])
+    assert rc == 0 and (out / "model.safetensors").is_file()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finished"] is True
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_feature_layer"] == 1 and cfg["vision_config"]["patch_size"] == 14

@@ -408,6 +408,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
+    m = MiniConfig()
+    p.add_argument("--crop", type=int, default=m.crop, help="AnyRes tile size in pixels")
+    p.add_argument("--patch", type=int, default=m.patch, help="ViT patch size in pixels")
+    p.add_argument("--vision-layers", type=int, default=m.vision_layers)
+    p.add_argument("--text-layers", type=int, default=m.text_layers)
+    p.add_argument("--feature-layer", type=int, default=m.feature_layer,
+                   help="hidden_states index of the tower the LLM receives (LLaVA: -2)")
     return p
 
 
@@ -417,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = TrainArgs(out=a.out, seed=a.seed, minutes=a.minutes, steps_a=a.steps_a, steps_b=a.steps_b, batch=a.batch,
                      lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
                      zoom_mix=a.zoom_mix, check_at=a.check_at, eval_n=a.eval_n, save_every=a.save_every,
-                     threads=a.threads, progress=not a.no_progress)
+                     threads=a.threads, progress=not a.no_progress,
+                     model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
+                                      text_layers=a.text_layers, feature_layer=a.feature_layer))
     try:
         result = train(args)
     except ChanceError as e:
