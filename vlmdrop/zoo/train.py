@@ -19,8 +19,9 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
 Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` of the stage's
 stream (seeded), and every random choice is keyed on ``(seed, stage, t, j)``: resuming from the
 state saved in ``DIR/train_state.pt`` (every ``--save-every`` steps and at the ``--minutes`` cap)
-gives the same run.  An early check (``--check-at``, fraction of stage B) aborts when shape or
-colour accuracy on held-out samples is still near chance.  At the end ``DIR`` holds the model
+gives the same run.  Early checks abort when shape or colour accuracy on held-out samples is
+still near chance: at the end of stage A (the tower's CLS heads on zoomed views) and at
+``--check-at`` (fraction of stage B, the VLM's answers); ``--check-at 0`` disables both.  At the end ``DIR`` holds the model
 (``save_pretrained``, safetensors) and the processor, loadable with ``from_pretrained`` /
 ``AutoProcessor``, plus ``train_log.jsonl``.
 """
