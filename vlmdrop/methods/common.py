@@ -7,6 +7,12 @@ from collections.abc import Callable
 import torch
 
 from ..interface import ImageTokens, Selection
+from ..ops.budget import largest_remainder
+
+
+def shares_by_size(total: int, caps: list[int]) -> list[int]:
+    """Whole shares of `total` proportional to each crop's size (capped largest remainder)."""
+    return largest_remainder([float(c) for c in caps], total, caps)
 
 
 def select_per_crop(image: ImageTokens, n_keep: int, budgets_for: Callable[[int, list[int]], list[int]],
@@ -44,3 +50,33 @@ def resolve_layer(index: int, num_layers: int, *, what: str) -> int:
         raise ValueError(f"{what}={index} is out of range for a vision tower with {num_layers} layers "
                          f"(valid: {-num_layers}..{num_layers - 1})")
     return index % num_layers
+
+
+#: (crop, positions (n,) of a crop to reduce to k rows, k) -> (kept positions, new rows (m, C) or None,
+#: m groups of positions the new rows summarise); kept + m == k.
+Reducer = Callable[[int, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]]
+
+
+def reduce_per_crop(image: ImageTokens, n_keep: int, reduce: Reducer) -> Selection:
+    """Budget accounting for methods that make new rows (merging, pooling): shares by crop size,
+    a crop whose share covers it kept as it is, the others reduced by `reduce`; layout rows only on
+    overflow, as in `select_per_crop`.  New rows follow in crop order."""
+    caps = image.crop_sizes()
+    on_crops = min(n_keep, sum(caps))
+    budgets = shares_by_size(on_crops, caps)
+    kept, new_rows, groups = [], [], []
+    for crop, k in enumerate(budgets):
+        positions = image.crop_positions(crop)  # (n,) ascending
+        if k == 0:
+            continue
+        if k >= positions.numel():  # the whole crop: kept as it is
+            kept.append(positions)
+            continue
+        crop_kept, rows, crop_groups = reduce(crop, positions, k)
+        kept.append(crop_kept)
+        if rows is not None:
+            new_rows.append(rows)
+            groups.extend(crop_groups)
+    kept.append(image.layout_positions()[: n_keep - on_crops])
+    return Selection(kept_indices=torch.cat(kept).sort().values, crop_budgets=budgets, crop_kept=list(budgets),
+                     new_rows=torch.cat(new_rows) if new_rows else None, new_groups=groups if new_rows else None)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
-from ..ops.budget import largest_remainder
 from ..ops.pool import pool_grid
 from ..registry import register_method
+from .common import reduce_per_crop
 
 
 @dataclass(frozen=True)
@@ -58,27 +58,14 @@ class Pool(VisionMethod):
         if image.vit_hidden is None:
             raise ValueError("pool needs the feature-layer tokens; this adapter did not provide them")
         h, w = image.crop_hw
-        caps = image.crop_sizes()
-        on_crops = min(n_keep, sum(caps))
-        budgets = largest_remainder([float(c) for c in caps], on_crops, caps)
-        kept, new_rows, groups = [], [], []
-        for crop, k in enumerate(budgets):
-            positions = image.crop_positions(crop)  # (n,) ascending
-            if k == 0:
-                continue
-            if k >= positions.numel():  # the whole crop: kept as it is
-                kept.append(positions)
-                continue
+
+        def reduce(crop: int, positions: torch.Tensor, k: int):
             local = image.local_index[positions]  # (n,)
             order = local.argsort()
             positions, local = positions[order], local[order]  # raster order inside the crop
             r0, c0, rows, cols = _rectangle(local, w)
             grid = image.vit_hidden[crop].reshape(h, w, -1)[r0:r0 + rows, c0:c0 + cols]  # (rows, cols, C)
             pooled, g = pool_grid(grid.reshape(rows * cols, -1), h=rows, w=cols, target=k)  # (k, C)
-            new_rows.append(pooled)
-            groups.extend(positions[gi] for gi in g)
-        kept.append(image.layout_positions()[: n_keep - on_crops])
-        kept_idx = torch.cat(kept).sort().values
-        return Selection(kept_indices=kept_idx, crop_budgets=budgets, crop_kept=list(budgets),
-                         new_rows=torch.cat(new_rows) if new_rows else None,
-                         new_groups=groups if new_rows else None)
+            return positions[:0], pooled, [positions[gi] for gi in g]
+
+        return reduce_per_crop(image, n_keep, reduce)

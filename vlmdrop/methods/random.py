@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
-from ..ops.budget import largest_remainder
 from ..registry import register_method
-from .common import select_per_crop
+from .common import select_per_crop, shares_by_size
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,8 @@ class Random(VisionMethod):
     """Uniformly random tokens; each crop's share is proportional to its size (largest remainder)."""
 
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
-        def budgets_for(total: int, caps: list[int]) -> list[int]:
-            return largest_remainder([float(c) for c in caps], total, caps)
-
         def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
             perm = torch.randperm(positions.numel(), generator=generator)  # (n,)
             return positions[perm[:k]].sort().values
 
-        return select_per_crop(image, n_keep, budgets_for, pick)
+        return select_per_crop(image, n_keep, shares_by_size, pick)

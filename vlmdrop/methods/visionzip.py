@@ -31,10 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
-from ..ops.budget import largest_remainder
 from ..ops.visionzip import PAPER_RATIO, split_budget, visionzip_select
 from ..registry import register_method
-from .common import resolve_layer
+from .common import reduce_per_crop, resolve_layer
 
 
 @dataclass(frozen=True)
@@ -71,18 +70,9 @@ class VisionZip(VisionMethod):
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
         if image.vit_hidden is None or image.vit_keys is None:
             raise ValueError("visionzip needs the feature layer's hidden states and keys; this adapter did not provide them")
-        caps = image.crop_sizes()
-        on_crops = min(n_keep, sum(caps))
-        budgets = largest_remainder([float(c) for c in caps], on_crops, caps)
         feature = image.cls_attn["feature"]  # (n_crops, H, h*w)
-        kept, new_rows, groups = [], [], []
-        for crop, k in enumerate(budgets):
-            positions = image.crop_positions(crop)  # (n,) ascending
-            if k == 0:
-                continue
-            if k >= positions.numel():  # the whole crop: kept as it is
-                kept.append(positions)
-                continue
+
+        def reduce(crop: int, positions: torch.Tensor, k: int):
             dominant, contextual = split_budget(k, ratio=float(self.config.ratio))
             local = image.local_index[positions]  # (n,) raster index in the crop's h*w grid
             dev = image.vit_hidden.device
@@ -90,12 +80,9 @@ class VisionZip(VisionMethod):
                                  image.vit_keys[crop][local.to(dev)],  # (n, Dh)
                                  image.vit_hidden[crop][local.to(dev)],  # (n, C)
                                  dominant=dominant, contextual=contextual)
-            kept.append(positions[r.dominant_idx.cpu()])
-            if contextual:
-                new_rows.append(r.contextual_tokens)  # (contextual, C)
-                groups.extend(positions[g.cpu()] for g in r.groups)
-        kept.append(image.layout_positions()[: n_keep - on_crops])
-        kept_idx = torch.cat(kept).sort().values
-        rows = torch.cat(new_rows) if new_rows else None
-        return Selection(kept_indices=kept_idx, crop_budgets=budgets, crop_kept=list(budgets),
-                         new_rows=rows, new_groups=groups if new_rows else None)
+            if not contextual:
+                return positions[r.dominant_idx.cpu()], None, []
+            return (positions[r.dominant_idx.cpu()], r.contextual_tokens,  # (contextual, C)
+                    [positions[g.cpu()] for g in r.groups])
+
+        return reduce_per_crop(image, n_keep, reduce)
