@@ -35,32 +35,38 @@ WORDS = (
     + list(string.ascii_lowercase)
     + [str(d) for d in range(10)]
 )
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}\nASSISTANT:{% endif %}"
-)
+def _chat_template(image_token: str) -> str:
+    """USER/ASSISTANT chat template that writes `image_token` for each image."""
+    return (
+        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + image_token + "\n"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}\nASSISTANT:{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = _chat_template("<image>")
+
+
+def _word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], chat_template: str,
+                    *, isolate: tuple[str, ...] = ("?",)) -> PreTrainedTokenizerFast:
+    """A left-padding word-level tokenizer over `specials + WORDS`, splitting off `isolate` strings."""
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit()] + [pre_tokenizers.Split(t, "isolated") for t in isolate])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=extra_special_tokens, padding_side="left",
+    )
+    fast.chat_template = chat_template
+    return fast
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer whose vocabulary is `SPECIALS + WORDS`; `<image>` is a special token."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("?", "isolated"), pre_tokenizers.Split("<image>", "isolated")]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return _word_tokenizer(SPECIALS, {"image_token": "<image>"}, CHAT_TEMPLATE, isolate=("?", "<image>"))
 
 
 def _vision_config(image_size: int, patch_size: int, layers: int) -> CLIPVisionConfig:
@@ -129,27 +135,14 @@ def tiny_llava_next(*, seed: int = 0, image_size: int = 56, patch_size: int = 14
 
 
 INTERNVL_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>"]
-INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}\nASSISTANT:{% endif %}"
-)
+INTERNVL_CHAT_TEMPLATE = _chat_template("<IMG_CONTEXT>")
 
 
 def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with InternVL's `<IMG_CONTEXT>`, `<img>`, `</img>`, `<video>` special tokens."""
-    vocab = {tok: i for i, tok in enumerate(INTERNVL_SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("?", "isolated")])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
-                              "end_image_token": "</img>", "video_token": "<video>"},
-        padding_side="left",
-    )
-    fast.chat_template = INTERNVL_CHAT_TEMPLATE
-    return fast
+    return _word_tokenizer(INTERNVL_SPECIALS, {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                                               "end_image_token": "</img>", "video_token": "<video>"},
+                           INTERNVL_CHAT_TEMPLATE)
 
 
 def tiny_internvl(*, seed: int = 0, tile_size: int = 64, patch_size: int = 8, vision_layers: int = 3,
