@@ -9,7 +9,16 @@ from PIL import Image
 pytest.importorskip("easy_vqa")
 
 from vlmdrop.zoo.mini import MiniConfig, build_mini_processor  # noqa: E402
-from vlmdrop.zoo.train import ChanceError, TrainArgs, shape_tile_index, train, zoom_view  # noqa: E402
+from vlmdrop.zoo.train import (  # noqa: E402
+    ChanceError,
+    TrainArgs,
+    patch_labels,
+    shape_tile_index,
+    tile_box,
+    train,
+    view_around,
+    zoom_view,
+)
 
 SMALL = MiniConfig(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
 
@@ -71,10 +80,47 @@ def test_shape_tile_index_finds_the_tile_with_the_shape(size):
         img.paste(Image.new("RGB", (40, 40), (255, 0, 0)), (x0, y0))
         pv = ip(images=[img], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
         red = ((pv[:, 0] > 1.0) & (pv[:, 1] < -1.0)).flatten(1).sum(1)  # (P,) red pixels per view
-        tile = shape_tile_index(size, (x0, y0, x0 + 40, y0 + 40), ip.image_grid_pinpoints, 168)
+        crop = ip.crop_size["height"]
+        bbox = (x0, y0, x0 + 40, y0 + 40)
+        tile = shape_tile_index(size, bbox, ip.image_grid_pinpoints, crop)
         assert tile >= 1 and red[tile] == red[1:].max() > 0, (size, (x0, y0), tile, red.tolist())
+        # tile_box: the red pixels of that tile lie in the mapped box (1 px of resampling slack)
+        ys, xs = torch.nonzero((pv[tile, 0] > 1.0) & (pv[tile, 1] < -1.0), as_tuple=True)
+        bx0, by0, bx1, by1 = tile_box(size, bbox, ip.image_grid_pinpoints, crop, tile)
+        assert xs.min() >= bx0 - 1 and xs.max() < bx1 + 1 and ys.min() >= by0 - 1 and ys.max() < by1 + 1
+        # patch_labels marks exactly the patches holding most of the red
+        patch = processor.patch_size
+        g = crop // patch
+        per_patch = ((pv[tile, 0] > 1.0) & (pv[tile, 1] < -1.0)).reshape(g, patch, g, patch).sum((1, 3)).reshape(-1)
+        labels = patch_labels((bx0, by0, bx1, by1), 5, crop, patch)
+        assert set(labels.unique().tolist()) <= {0, 5}
+        assert bool((per_patch[labels == 5] > 0).all())
+        assert bool((per_patch[labels == 0] < 0.25 * patch * patch + patch).all())
     view = zoom_view(img, (x0, y0, x0 + 40, y0 + 40), rng, 168)
     assert view.size == (168, 168)
+
+
+def test_view_around_maps_the_box_into_the_view():
+    rng = np.random.default_rng(0)
+    img = Image.new("RGB", (672, 336), "white")
+    bbox = (400, 100, 430, 140)
+    img.paste(Image.new("RGB", (30, 40), (255, 0, 0)), bbox[:2])
+    for side in (60, 150, 224, 1000):  # 1000: clipped to the canvas' short side
+        view, box = view_around(img, bbox, rng, 112, side)
+        assert view.size == (112, 112)
+        arr = np.asarray(view, dtype=np.int32)
+        ys, xs = np.nonzero((arr[..., 0] > 200) & (arr[..., 1] < 60))
+        assert xs.min() >= box[0] - 1 and xs.max() < box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() < box[3] + 1
+        assert 0 <= box[0] < box[2] <= 112 and 0 <= box[1] < box[3] <= 112
+
+
+def test_patch_labels_overlap_rule():
+    # box covering a quarter of patch (0, 1) and most of patch (1, 0): 16 px patches of a 112 px view
+    labels = patch_labels((10, 10, 40, 30), 2, 112, 16).reshape(7, 7)
+    assert labels[0, 1] == 2 and labels[1, 0] == 2 and labels[1, 1] == 2 and labels[1, 2] == 2
+    assert labels[0, 0] == 0 and labels.sum() == 2 * 4
+    # a box smaller than a quarter patch still labels the patch holding half of it
+    assert patch_labels((50, 50, 54, 54), 1, 112, 16).sum() == 1
 
 
 def test_stage_a_check_reports_tower_accuracy(tmp_path):

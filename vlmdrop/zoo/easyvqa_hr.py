@@ -68,7 +68,7 @@ CANVAS_SIZES: tuple[tuple[int, int], ...] = (
 #: The scaled cut-out targets a fraction of the canvas area drawn uniformly from
 #: [MIN_AREA_FRACTION, MAX_AREA_FRACTION]; its tight bbox never exceeds the maximum
 #: (it can fall below the minimum once the soft edge is trimmed).
-MIN_AREA_FRACTION: float = 0.005
+MIN_AREA_FRACTION: float = 0.01
 MAX_AREA_FRACTION: float = 0.02
 
 SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")

@@ -21,12 +21,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .default import default_model_path, load_mini
 from .easyvqa_hr import QTYPES, easyvqa_hr_records
 from .token_boxes import boxes_touch, token_boxes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_dropping", "main"]
+__all__ = ["evaluate_dropping", "method_params", "main"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -34,6 +35,24 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 def _prompt(processor: Any, question: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + SUFFIX}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def method_params(method: str | None, budget: float, *, seed: int = 0, num_layers: int = 3) -> dict[str, Any]:
+    """Parameters that make ``method`` keep ``budget`` of the visual tokens.
+
+    Vision-stage methods take ``budget`` as is (``random`` also the seed).  LLM-stage methods keep
+    every token in the first decoder layers, so they only reach the budget deeper in: FastV keeps
+    ``budget`` from layer 1 on; PyramidDrop cuts at layers 1 .. L-1 keeping ``budget ** (1 / (L - 1))``
+    at each, reaching ``budget`` in the last layer.
+    """
+    if method is None:
+        return {}
+    if method == "fastv":
+        return {"layer": 1, "keep": budget}
+    if method == "pdrop":
+        cuts = list(range(1, num_layers))
+        return {"layers": cuts, "ratio": budget ** (1.0 / len(cuts))}
+    return {"budget": budget, "seed": seed} if method == "random" else {"budget": budget}
 
 
 @torch.no_grad()
@@ -53,9 +72,8 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     touch: list[float] = []
     touch_grid: list[float] = []
     kept: list[int] = []
-    params: dict[str, Any] = {"budget": budget}
-    if method == "random":
-        params["seed"] = seed
+    before: list[int] = []
+    params = method_params(method, budget, seed=seed, num_layers=model.config.text_config.num_hidden_layers)
     handle = vlmdrop.apply(model, method, **params) if method else None
     try:
         for i in range(0, len(records), batch):
@@ -65,17 +83,20 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
             pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
             for j, (r, p) in enumerate(zip(chunk, pred.tolist())):
                 hits[r["qtype"]].append(float(processor.tokenizer.convert_ids_to_tokens(p) == r["answer"]))
+                boxes = token_boxes(r["image"].size, ip.image_grid_pinpoints, crop, patch)
+                before.append(len(boxes))
                 if handle is None:
                     touch.append(1.0)
                     touch_grid.append(1.0)
                     continue
                 st = handle.stats.images[j]
-                boxes = token_boxes(r["image"].size, ip.image_grid_pinpoints, crop, patch)
                 if len(boxes) != st.n_before:
                     raise RuntimeError(f"token map has {len(boxes)} positions, the model {st.n_before} "
                                        f"(image size {r['image'].size})")
-                idx = st.kept_indices.tolist()
-                hit = [k for k in idx if boxes[k] is not None and boxes_touch(boxes[k], r["bbox"])]
+                idx = set(st.kept_indices.tolist())
+                for group in st.new_groups or []:  # merged / pooled rows carry the positions they summarise
+                    idx.update(group.tolist())
+                hit = [k for k in sorted(idx) if boxes[k] is not None and boxes_touch(boxes[k], r["bbox"])]
                 touch.append(float(bool(hit)))
                 touch_grid.append(float(any(k >= (crop // patch) ** 2 for k in hit)))  # an AnyRes grid token
                 kept.append(st.n_kept)
@@ -86,31 +107,49 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     out["all"] = float(np.mean([x for v in hits.values() for x in v]))
     out["touch"] = float(np.mean(touch))
     out["touch_grid"] = float(np.mean(touch_grid))
+    out["n_before_mean"] = float(np.mean(before))
     if kept:
         out["kept_mean"] = float(np.mean(kept))
     return out
 
 
+def _table(results: dict[str, dict[str, float]]) -> str:
+    full = results["full"]
+    lines = ["| config | shape | colour | yes/no | all | shape / full | colour / full | touch | touch (grid) | kept tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        kept = f"{r['kept_mean']:.1f}" if "kept_mean" in r else f"{r.get('n_before_mean', 0):.1f} (all)"
+        rel = [f"{r[q] / full[q]:.2f}" if full.get(q) else "-" for q in ("shape", "color")]
+        lines.append(f"| {name} | {r['shape']:.3f} | {r['color']:.3f} | {r['yes_no']:.3f} | {r['all']:.3f} | {rel[0]} | "
+                     f"{rel[1]} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {kept} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlmdrop.zoo.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="folder written by vlmdrop.zoo.train")
+    p.add_argument("--model", default=None, help="folder written by vlmdrop.zoo.train (default: the embedded model)")
     p.add_argument("--n", type=int, default=240, help="easyvqa-hr test samples (multiple of 12 keeps types balanced)")
-    p.add_argument("--methods", default="hired,random")
-    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--methods", default="hired,random", help="comma-separated vlmdrop methods")
+    p.add_argument("--budget", "--budgets", dest="budgets", default="0.1", help="comma-separated fractions, e.g. 0.1,0.05")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    model = LlavaNextForConditionalGeneration.from_pretrained(a.model, attn_implementation="sdpa").eval()
-    processor = AutoProcessor.from_pretrained(a.model)
+    model, processor = load_mini(a.model)
     records = list(easyvqa_hr_records("test", seed=a.seed, n=a.n))
+    print(f"model: {a.model or 'embedded default (' + str(default_model_path()) + ')'}; "
+          f"{len(records)} easyvqa-hr test samples (seed {a.seed})", flush=True)
     results = {"full": evaluate_dropping(model, processor, records, None, 1.0, batch=a.batch)}
-    print(json.dumps({"full": results["full"]}), flush=True)
-    for m in [m for m in a.methods.split(",") if m]:
-        results[f"{m}@{a.budget}"] = evaluate_dropping(model, processor, records, m, a.budget, batch=a.batch, seed=a.seed)
-        print(json.dumps({f"{m}@{a.budget}": results[f"{m}@{a.budget}"]}), flush=True)
+    for budget in [float(b) for b in a.budgets.split(",") if b]:
+        for m in [m for m in a.methods.split(",") if m]:
+            results[f"{m}@{budget:g}"] = evaluate_dropping(model, processor, records, m, budget, batch=a.batch,
+                                                           seed=a.seed)
+            log.info("%s@%g: %s", m, budget, results[f"{m}@{budget:g}"])
+    print(_table(results), flush=True)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 

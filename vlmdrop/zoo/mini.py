@@ -4,14 +4,16 @@ A real `LlavaNextForConditionalGeneration` (CLIP tower with a CLS token, MLP pro
 built from configs, and a real `LlavaNextProcessor` whose word-level tokenizer is built locally
 from the vocabulary of easy-VQA's questions and answers (lower-cased, punctuation split off).
 
-Sizes: tiles of :data:`CROP` = 168 px cut into :data:`PATCH` = 24 px patches, i.e. 7 x 7 = 49
+Sizes: tiles of :data:`CROP` = 112 px cut into :data:`PATCH` = 16 px patches, i.e. 7 x 7 = 49
 visual tokens per tile.  The canvases of easyvqa-hr are 336-1008 px and AnyRes resizes them to
-at most 2 x 2 / 3 x 1 tiles of 168 px (a factor of 1/2 for 672 px canvases); the smallest shape
-(0.5 % of the canvas, ~47 px on a 672 x 672 canvas) is then ~23 px, about one patch.  With
-112 px tiles it would be ~16 px inside 16 px patches and only ~8 px on the 112 px base image,
-too small to tell a triangle from a circle.  The pinpoints add the 1 x 1 grid ``[168, 168]`` so
-that a 168 px image (the curriculum's zoomed views) becomes base + one tile; real canvases never
-select it (a larger grid always keeps more resolution).
+at most 2 x 2 / 3 x 1 tiles of 112 px (a factor of 1/3 for 672 px canvases); the smallest shape
+(1 % of the canvas, ~67 px on a 672 x 672 canvas) is then ~22 px, between one and two patches,
+and only ~11 px on the 112 px base image (its colour is visible there, its shape hardly).  A
+tower with 16 px patches learned to name shapes within ~1000 steps of `vlmdrop.zoo.train`'s
+stage A; one with 168 px tiles of 24 px patches (same token count, shapes at half the canvas
+size) had not after 1750 (``vlmdrop/zoo/TRAINING.md``).  The pinpoints add the 1 x 1 grid
+``[112, 112]`` so that a 112 px image (the curriculum's zoomed views) becomes base + one tile;
+real canvases never select it (a larger grid always keeps more resolution).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from .easyvqa_hr import ANSWER_COLORS, SHAPES
 
 __all__ = ["CROP", "PATCH", "MiniConfig", "build_mini", "build_mini_processor", "build_mini_tokenizer", "pinpoints"]
 
-CROP: int = 168
-PATCH: int = 24
+CROP: int = 112
+PATCH: int = 16
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 _QUESTION_WORDS = [

@@ -7,13 +7,16 @@ Usage::
 Two stages, both defined in steps (so a run is deterministic whatever the machine speed):
 
 * **A — tower pre-training.**  The CLIP tower classifies shape (3) and colour (8) from its CLS
-  token (``pooler_output``, two linear heads that are not part of the saved model) on the views
-  the LLM will see: the 168 px base image, the AnyRes tile holding the shape's centre, and a
-  zoomed 168 px view around the shape.  To answer, the CLS token must attend to the shape, which
-  is the saliency HiRED reads.
+  token (``pooler_output``) and, per patch, background / shape and background / colour from the
+  features the LLM receives (``vision_feature_layer``); the heads are not part of the saved model.
+  Views per canvas (rendering dominates the cost, so each canvas serves several): the 112 px base
+  image (colour only — the shape is too small there to name), the AnyRes tile holding the shape,
+  ``--tile-views`` crops at the AnyRes scale with the shape anywhere, ``--zoom-views`` zoomed crops.
+  To answer, the CLS token must attend to the shape, which is the saliency HiRED reads; the
+  per-patch loss makes the shape's own tokens carry its shape and colour.
 * **B — VLM training.**  The whole model, the tower at ``--tower-lr-scale`` x the LR.  Loss on the
   answer token and ``</s>`` only; the generator balances question types and answers.  A
-  curriculum first feeds zoomed 168 px views only (one AnyRes tile: the shape is large, the
+  curriculum first feeds zoomed 112 px views only (one AnyRes tile: the shape is large, the
   sequence short), then full canvases with a share ``--zoom-mix`` of zoomed views.
 
 Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` of the stage's
@@ -49,7 +52,8 @@ from .mini import MiniConfig, build_mini
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainArgs", "ChanceError", "train", "evaluate_answers", "zoom_view", "shape_tile_index", "main"]
+__all__ = ["TrainArgs", "ChanceError", "train", "evaluate_answers", "zoom_view", "view_around", "patch_labels",
+           "shape_tile_index", "tile_box", "main"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 STATE = "train_state.pt"
@@ -76,6 +80,9 @@ class TrainArgs:
     check_at: float = 0.5  # fraction of stage B at which the chance check runs (<= 0: never)
     check_shape: float = 0.45  # chance 1/3
     check_color: float = 0.25  # chance 1/8
+    tile_views: int = 2  # stage A: extra crops per canvas at the AnyRes scale
+    zoom_views: int = 2  # stage A: zoomed crops per canvas
+    dense_weight: float = 1.0  # stage A: weight of the per-patch loss (0: CLS heads only)
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -101,15 +108,52 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(keys))))
 
 
-def zoom_view(image: Image.Image, bbox: Sequence[int], rng: np.random.Generator, size: int) -> Image.Image:
-    """A square crop holding ``bbox`` whose side is 2-4x the box's longer side, resized to ``size`` px."""
+def view_around(image: Image.Image, bbox: Sequence[int], rng: np.random.Generator, size: int,
+                side: float) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """A square crop of about ``side`` canvas px holding ``bbox`` at a random place, resized to ``size`` px.
+
+    Returns the view and ``bbox`` in the view's pixel coordinates.
+    """
     w, h = image.size
     x0, y0, x1, y1 = bbox
-    side = int(round(max(x1 - x0, y1 - y0) * rng.uniform(2.0, 4.0)))
-    side = max(min(side, w, h), x1 - x0, y1 - y0)
+    side = max(min(int(round(side)), w, h), x1 - x0, y1 - y0)
     cx = int(rng.integers(max(0, x1 - side), min(x0, w - side) + 1))
     cy = int(rng.integers(max(0, y1 - side), min(y0, h - side) + 1))
-    return image.crop((cx, cy, cx + side, cy + side)).resize((size, size), Image.BICUBIC)
+    s = size / side
+    view = image.crop((cx, cy, cx + side, cy + side)).resize((size, size), Image.BICUBIC)
+    return view, ((x0 - cx) * s, (y0 - cy) * s, (x1 - cx) * s, (y1 - cy) * s)
+
+
+def zoom_view(image: Image.Image, bbox: Sequence[int], rng: np.random.Generator, size: int) -> Image.Image:
+    """A square crop holding ``bbox`` whose side is 2-4x the box's longer side, resized to ``size`` px."""
+    x0, y0, x1, y1 = bbox
+    return view_around(image, bbox, rng, size, max(x1 - x0, y1 - y0) * rng.uniform(2.0, 4.0))[0]
+
+
+def patch_labels(box: Sequence[float], label: int, crop: int, patch: int) -> torch.Tensor:
+    """Per-patch targets of a ``crop`` px view: ``label`` where the patch overlaps ``box`` (view px) by at
+    least a quarter of the patch or half of the box, else 0 (background); raster order, ``(crop // patch) ** 2``."""
+    g = crop // patch
+    x0, y0, x1, y1 = box
+    lo = torch.arange(g, dtype=torch.float64) * patch
+    ox = (torch.minimum(lo + patch, torch.tensor(float(x1))) - torch.maximum(lo, torch.tensor(float(x0)))).clamp(min=0)
+    oy = (torch.minimum(lo + patch, torch.tensor(float(y1))) - torch.maximum(lo, torch.tensor(float(y0)))).clamp(min=0)
+    overlap = oy[:, None] * ox[None, :]  # (rows, cols)
+    area = max((x1 - x0) * (y1 - y0), 1e-6)
+    hit = (overlap >= 0.25 * patch * patch) | (overlap >= 0.5 * area)
+    return torch.where(hit, label, 0).reshape(-1).long()
+
+
+def _anyres_layout(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int, int, int, int, int]:
+    """``(tw, th, nw, nh, px, py)``: best pinpoint, resized canvas size and its centred padding."""
+    w, h = image_size
+    th, tw = select_best_resolution((h, w), pinpoints)
+    sw, sh = tw / w, th / h
+    if sw < sh:
+        nw, nh = tw, min(math.ceil(h * sw), th)
+    else:
+        nh, nw = th, min(math.ceil(w * sh), tw)
+    return tw, th, nw, nh, (tw - nw) // 2, (th - nh) // 2
 
 
 def shape_tile_index(image_size: tuple[int, int], bbox: Sequence[int], pinpoints: list[list[int]], crop: int) -> int:
@@ -119,18 +163,22 @@ def shape_tile_index(image_size: tuple[int, int], bbox: Sequence[int], pinpoints
     zero padding, raster order of ``crop`` px tiles after the base image.
     """
     w, h = image_size
-    th, tw = select_best_resolution((h, w), pinpoints)
-    sw, sh = tw / w, th / h
-    if sw < sh:
-        nw, nh = tw, min(math.ceil(h * sw), th)
-    else:
-        nh, nw = th, min(math.ceil(w * sh), tw)
-    px, py = (tw - nw) // 2, (th - nh) // 2
+    tw, th, nw, nh, px, py = _anyres_layout(image_size, pinpoints)
     cx = px + (bbox[0] + bbox[2]) / 2 * nw / w
     cy = py + (bbox[1] + bbox[3]) / 2 * nh / h
     col = min(int(cx // crop), tw // crop - 1)
     row = min(int(cy // crop), th // crop - 1)
     return 1 + row * (tw // crop) + col
+
+
+def tile_box(image_size: tuple[int, int], bbox: Sequence[int], pinpoints: list[list[int]], crop: int,
+             tile: int) -> tuple[float, float, float, float]:
+    """``bbox`` (canvas px) in the pixel coordinates of AnyRes tile ``tile`` (1-based, as in ``pixel_values``)."""
+    w, h = image_size
+    tw, th, nw, nh, px, py = _anyres_layout(image_size, pinpoints)
+    row, col = divmod(tile - 1, tw // crop)
+    return (px + bbox[0] * nw / w - col * crop, py + bbox[1] * nh / h - row * crop,
+            px + bbox[2] * nw / w - col * crop, py + bbox[3] * nh / h - row * crop)
 
 
 def _stream(split: str, seed: int, start: int, count: int) -> Iterator[dict[str, Any]]:
@@ -153,27 +201,79 @@ def _prompt(processor: Any, question: str) -> str:
 
 
 class _Heads(torch.nn.Module):
+    """Stage A's heads (not saved with the model): shape / colour from the CLS token (``pooler_output``),
+    and per patch (background + shape / background + colour) from the features the LLM receives."""
+
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.shape = torch.nn.Linear(hidden, len(SHAPES))
         self.color = torch.nn.Linear(hidden, len(ANSWER_COLORS))
+        self.dense_norm = torch.nn.LayerNorm(hidden)
+        self.dense_shape = torch.nn.Linear(hidden, 1 + len(SHAPES))
+        self.dense_color = torch.nn.Linear(hidden, 1 + len(ANSWER_COLORS))
 
 
-def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(views (V, 3, s, s), shape labels (V,), colour labels (V,)) for step ``step`` of stage A."""
+def _dense_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over shape patches plus half of that over background patches."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    pos = target.reshape(-1) > 0
+    out = 0.5 * loss[~pos].mean() if bool((~pos).any()) else loss.sum() * 0
+    if bool(pos.any()):
+        out = out + loss[pos].mean()
+    return out
+
+
+def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
+    """The views of step ``step`` of stage A and their targets.
+
+    Per canvas (rendering dominates the cost, so each canvas gives several views): the base image
+    (colour only: the shape is too small there to name), the AnyRes tile holding the shape,
+    ``--tile-views`` crops at the AnyRes scale placing the shape anywhere in the view, and
+    ``--zoom-views`` zoomed crops (side 1.5-4x the shape's).
+    """
     cfg = args.model
     recs = list(_stream("train", args.seed + 1000, step * args.batch, args.batch))
     ip = processor.image_processor
-    views, shapes, colors = [], [], []
+    pins = ip.image_grid_pinpoints
+    views, shapes, colors, base, dshape, dcolor = [], [], [], [], [], []
     for j, r in enumerate(recs):
         rng = _rng(args.seed, _STAGE_A, step, j)
-        pv = ip(images=[r["image"]], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
-        tile = shape_tile_index(r["image"].size, r["bbox"], ip.image_grid_pinpoints, cfg.crop)
-        zoom = ip(images=[zoom_view(r["image"], r["bbox"], rng, cfg.crop)], return_tensors="pt")["pixel_values"][0]
-        views += [pv[0], pv[tile], zoom[1]]
-        shapes += [SHAPES.index(r["shape"])] * 3
-        colors += [list(ANSWER_COLORS).index(r["color"])] * 3
-    return torch.stack(views), torch.tensor(shapes), torch.tensor(colors)
+        image, bbox, (w, h) = r["image"], r["bbox"], r["image"].size
+        pv = ip(images=[image], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
+        tile = shape_tile_index((w, h), bbox, pins, cfg.crop)
+        v = [pv[0], pv[tile]]
+        boxes = [(bbox[0] * cfg.crop / w, bbox[1] * cfg.crop / h, bbox[2] * cfg.crop / w, bbox[3] * cfg.crop / h),
+                 tile_box((w, h), bbox, pins, cfg.crop, tile)]
+        _, _, nw, _, _, _ = _anyres_layout((w, h), pins)
+        longest = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
+        sides = [cfg.crop * w / nw] * args.tile_views + [longest * rng.uniform(1.5, 4.0) for _ in range(args.zoom_views)]
+        crops = [view_around(image, bbox, rng, cfg.crop, side) for side in sides]
+        if crops:
+            # a crop-sized image becomes base + one identical tile (pinpoint crop x crop): take the tile
+            v += list(ip(images=[c for c, _ in crops], return_tensors="pt")["pixel_values"][:, 1])
+            boxes += [b for _, b in crops]
+        si, ci = SHAPES.index(r["shape"]), list(ANSWER_COLORS).index(r["color"])
+        views += v
+        shapes += [si] * len(v)
+        colors += [ci] * len(v)
+        base += [True] + [False] * (len(v) - 1)
+        dshape += [patch_labels(b, 1 + si, cfg.crop, cfg.patch) for b in boxes]
+        dcolor += [patch_labels(b, 1 + ci, cfg.crop, cfg.patch) for b in boxes]
+    return {"views": torch.stack(views), "shape": torch.tensor(shapes), "color": torch.tensor(colors),
+            "base": torch.tensor(base), "dense_shape": torch.stack(dshape), "dense_color": torch.stack(dcolor)}
+
+
+def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], args: TrainArgs) -> torch.Tensor:
+    out = model.model.vision_tower(batch["views"], output_hidden_states=True)
+    pooled = out.pooler_output  # (V, D)
+    not_base = ~batch["base"]
+    loss = F.cross_entropy(heads.shape(pooled[not_base]), batch["shape"][not_base])
+    loss = loss + F.cross_entropy(heads.color(pooled), batch["color"])
+    if args.dense_weight > 0:
+        feats = heads.dense_norm(out.hidden_states[args.model.feature_layer][:, 1:])  # (V, N, D), CLS dropped
+        loss = loss + args.dense_weight * (_dense_ce(heads.dense_shape(feats), batch["dense_shape"])
+                                           + _dense_ce(heads.dense_color(feats), batch["dense_color"]))
+    return loss
 
 
 def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
@@ -321,11 +421,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 _save_state(state_path, model, heads, opts, stage, step, log_rows)
                 bar.close()
                 return {"finished": False, "stage": stage, "step": step}
-            views, ys, yc = _stage_a_batch(args, processor, step)
+            batch_a = _stage_a_batch(args, processor, step)
             for g in opts[0].param_groups:
                 g["lr"] = _lr(step, args.steps_a, args.lr_a)
-            pooled = model.model.vision_tower(views).pooler_output  # (V, D)
-            loss = F.cross_entropy(heads.shape(pooled), ys) + F.cross_entropy(heads.color(pooled), yc)
+            loss = _stage_a_loss(model, heads, batch_a, args)
             opts[0].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(opts[0].param_groups[0]["params"], 1.0)
@@ -405,6 +504,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom-only", type=float, default=d.zoom_only)
     p.add_argument("--zoom-mix", type=float, default=d.zoom_mix)
     p.add_argument("--check-at", type=float, default=d.check_at, help="fraction of stage B for the chance check (0: off)")
+    p.add_argument("--tile-views", type=int, default=d.tile_views, help="stage A: crops per canvas at the AnyRes scale")
+    p.add_argument("--zoom-views", type=int, default=d.zoom_views, help="stage A: zoomed crops per canvas")
+    p.add_argument("--dense-weight", type=float, default=d.dense_weight, help="stage A: per-patch loss weight")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
@@ -424,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = TrainArgs(out=a.out, seed=a.seed, minutes=a.minutes, steps_a=a.steps_a, steps_b=a.steps_b, batch=a.batch,
                      lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
-                     zoom_mix=a.zoom_mix, check_at=a.check_at, eval_n=a.eval_n, save_every=a.save_every,
+                     zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
+                     dense_weight=a.dense_weight, eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
                                       text_layers=a.text_layers, feature_layer=a.feature_layer))
