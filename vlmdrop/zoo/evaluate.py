@@ -79,7 +79,7 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
         for i in range(0, len(records), batch):
             chunk = records[i : i + batch]
             inputs = processor(images=[r["image"] for r in chunk], text=[_prompt(processor, r["question"]) for r in chunk],
-                               return_tensors="pt", padding=True)
+                               return_tensors="pt", padding=True).to(model.device)
             pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
             for j, (r, p) in enumerate(zip(chunk, pred.tolist())):
                 hits[r["qtype"]].append(float(processor.tokenizer.convert_ids_to_tokens(p) == r["answer"]))

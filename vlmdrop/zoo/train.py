@@ -86,6 +86,7 @@ class TrainArgs:
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
     progress: bool = True
     model: MiniConfig = field(default_factory=MiniConfig)
 
@@ -264,6 +265,7 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
 
 
 def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], args: TrainArgs) -> torch.Tensor:
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     out = model.model.vision_tower(batch["views"], output_hidden_states=True)
     pooled = out.pooler_output  # (V, D)
     not_base = ~batch["base"]
@@ -301,7 +303,7 @@ def evaluate_answers(model: Any, processor: Any, records: Sequence[dict[str, Any
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
         inputs = processor(images=[r["image"] for r in chunk], text=[_prompt(processor, r["question"]) for r in chunk],
-                           return_tensors="pt", padding=True)
+                           return_tensors="pt", padding=True).to(model.device)
         pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
         for r, p in zip(chunk, pred.tolist()):
             hits[r["qtype"]].append(float(processor.tokenizer.convert_ids_to_tokens(p) == r["answer"]))
@@ -326,11 +328,11 @@ def _evaluate_tower(model: Any, heads: _Heads, processor: Any, records: Sequence
         views["base"].append(pv[0])
         views["tile"].append(pv[tile])
         views["zoom"].append(ip(images=[zoom], return_tensors="pt")["pixel_values"][0][1])
-    shapes = torch.tensor([SHAPES.index(r["shape"]) for r in records])
-    colors = torch.tensor([list(ANSWER_COLORS).index(r["color"]) for r in records])
+    shapes = torch.tensor([SHAPES.index(r["shape"]) for r in records], device=model.device)
+    colors = torch.tensor([list(ANSWER_COLORS).index(r["color"]) for r in records], device=model.device)
     out = {}
     for kind, v in views.items():
-        pooled = model.model.vision_tower(torch.stack(v)).pooler_output  # (N, D)
+        pooled = model.model.vision_tower(torch.stack(v).to(model.device)).pooler_output  # (N, D)
         out[f"{kind}_shape"] = float((heads.shape(pooled).argmax(-1) == shapes).float().mean())
         out[f"{kind}_color"] = float((heads.color(pooled).argmax(-1) == colors).float().mean())
     model.train(was_training)
@@ -387,14 +389,18 @@ def train(args: TrainArgs) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
     model, processor = build_mini(args.model, seed=args.seed)
     heads = _Heads(args.model.vision_hidden)
+    model.to(device)
+    heads.to(device)
     opts = _optimizers(model, heads, args)
     stage, step, log_rows = "A", 0, []
     state_path = out / STATE
     (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1), encoding="utf-8")
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(st["model"])
         heads.load_state_dict(st["heads"])
         opts[0].load_state_dict(st["opt_a"])
@@ -456,7 +462,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             model.save_pretrained(partial, safe_serialization=True)
             processor.save_pretrained(partial)
             return {"finished": False, "stage": stage, "step": step}
-        batch = _stage_b_batch(args, processor, step)
+        batch = {k: v.to(device) for k, v in _stage_b_batch(args, processor, step).items()}
         for g in opts[1].param_groups:
             g["lr"] = _lr(step, args.steps_b, args.lr_b) * g["scale"]
         loss = model(**batch).loss
@@ -510,6 +516,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=d.eval_n)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default=d.device, help='"auto" (cuda when available), "cpu", "cuda", "cuda:1", ...')
     p.add_argument("--no-progress", action="store_true")
     m = MiniConfig()
     p.add_argument("--crop", type=int, default=m.crop, help="AnyRes tile size in pixels")
@@ -528,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
                      dense_weight=a.dense_weight, eval_n=a.eval_n, save_every=a.save_every,
-                     threads=a.threads, progress=not a.no_progress,
+                     threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
                                       text_layers=a.text_layers, feature_layer=a.feature_layer))
     try:
