@@ -17,6 +17,10 @@ def test_cli_run_on_embedded_default(capsys):
     n_before = int(out.split("full     (")[1].split(" ")[0])
     n_kept = int(out.split("hired    (")[1].split(" ")[0])
     assert n_kept == round(0.2 * n_before)
+    # the bundled sample is a held-out easyvqa-hr canvas with a green circle; the trained model names it
+    full_line = [line for line in out.splitlines() if line.startswith("full ")][0]
+    hired_line = [line for line in out.splitlines() if line.startswith("hired ")][0]
+    assert full_line.endswith("'circle'") and hired_line.endswith("'circle'"), out
 
 
 def test_cli_run_with_model_folder_and_image(tmp_path, capsys):

@@ -11,6 +11,10 @@ from typing import Any
 import torch
 
 
+#: LLaVA-1.5's short-answer VQA format, which the embedded model was trained on.
+DEFAULT_QUESTION = "what shape does the image contain?\nAnswer the question using a single word or phrase."
+
+
 def load_model(name_or_path: str | None, *, attn_implementation: str = "sdpa", dtype: str = "auto"):
     """`(model, processor)` from a checkpoint folder or hub id, or the embedded default when None."""
     if name_or_path is None:
@@ -69,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with vlmdrop.dropping(model, args.method, **params) as handle:
         reduced, t_red = _generate(model, processor, inputs, args.max_new_tokens)
     st = handle.stats.images[0]
-    print(f"model:    {args.model or 'embedded default (random-weight tiny LLaVA-NeXT)'}")
+    print(f"model:    {args.model or 'embedded default (miniature LLaVA-NeXT trained on easyvqa-hr)'}")
     print(f"question: {args.question}")
     print(f"full     ({st.n_before} visual tokens, {t_full:.3f} s): {full!r}")
     print(f"{args.method:<8} ({st.n_kept} visual tokens, {t_red:.3f} s): {reduced!r}")
@@ -96,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmdrop", description="Training-free visual-token dropping for HF VLMs")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="answer one question with the full and the reduced model")
-    r.add_argument("--image", default=None, help="path of an image file (default: a bundled sample picture)")
-    r.add_argument("--question", default="what is the shape ?")
+    r.add_argument("--image", default=None,
+                   help="path of an image file (default: a bundled held-out easyvqa-hr canvas, a green circle)")
+    r.add_argument("--question", default=DEFAULT_QUESTION,
+                   help="question about the image (default: a shape question in LLaVA's short-answer format)")
     r.add_argument("--method", default="hired", choices=vlmdrop.methods())
     r.add_argument("--budget", default=None, help="fraction in (0, 1] (e.g. 0.2) or token count (e.g. 64)")
     r.add_argument("--params", default=None, help='other method parameters as JSON, e.g. \'{"alpha": 0.3}\'')

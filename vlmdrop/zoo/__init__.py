@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from .default import default_model_path, load_mini
 from .easyvqa_hr import easyvqa_hr, easyvqa_hr_records
 
 
 def load_default():
-    """The embedded default `(model, processor)`: a small LLaVA-NeXT that needs no download.
+    """The embedded default `(model, processor)`: the miniature LLaVA-NeXT trained on task "easyvqa-hr".
 
-    For now a random-weight `LlavaNextForConditionalGeneration` built from a config with a fixed seed
-    and a locally built tokenizer (see `vlmdrop.zoo.tiny`); its answers are meaningless, but every
-    code path — AnyRes grid, unpadding, newlines, generate — is the real one.
+    A real `LlavaNextForConditionalGeneration` (CLIP tower, AnyRes grid, unpadding, newline tokens,
+    Llama LM; ~1.9 M parameters) and its real `LlavaNextProcessor`, loaded with `from_pretrained` from
+    the checkpoint folder shipped in the package (`default_model_path()`); no download.  It answers
+    easyvqa-hr's questions (shape, colour, yes/no about a small shape on a large cluttered canvas).
     """
-    from .tiny import tiny_llava_next
-
-    return tiny_llava_next(seed=0)
+    return load_mini()
 
 
-__all__ = ["load_default", "easyvqa_hr", "easyvqa_hr_records"]
+__all__ = ["default_model_path", "load_default", "load_mini", "easyvqa_hr", "easyvqa_hr_records"]

@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="folder written by vlmdrop.zoo.train (default: the embedded model)")
     p.add_argument("--n", type=int, default=240, help="easyvqa-hr test samples (multiple of 12 keeps types balanced)")
     p.add_argument("--methods", default="hired,random", help="comma-separated vlmdrop methods")
-    p.add_argument("--budget", "--budgets", dest="budgets", default="0.1", help="comma-separated fractions, e.g. 0.1,0.05")
+    p.add_argument("--budget", "--budgets", dest="budgets", default="0.1,0.05", help="comma-separated fractions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")

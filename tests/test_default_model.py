@@ -1,0 +1,75 @@
+"""The shipped checkpoint: loads through from_pretrained, is small, and answers held-out easyvqa-hr
+questions far above chance, also with HiRED at 10 %."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("easy_vqa")
+
+from vlmdrop.zoo import default_model_path, load_default  # noqa: E402
+from vlmdrop.zoo.easyvqa_hr import easyvqa_hr_records  # noqa: E402
+from vlmdrop.zoo.evaluate import evaluate_dropping, main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load_default()
+
+
+@pytest.fixture(scope="module")
+def records():
+    # held-out test questions the training never saw, 16 per question type
+    return list(easyvqa_hr_records("test", seed=0, n=48))
+
+
+def test_checkpoint_files_and_size():
+    folder = default_model_path()
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaNextForConditionalGeneration"]
+
+
+def test_loads_through_from_pretrained(default):
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    model, processor = default
+    assert type(model) is LlavaNextForConditionalGeneration and isinstance(processor, LlavaNextProcessor)
+    assert not model.training and model.config._attn_implementation == "sdpa"
+
+
+def test_answers_held_out_questions(default, records):
+    model, processor = default
+    full = evaluate_dropping(model, processor, records, None, 1.0)
+    # chance: shape 1/3, colour 1/8, yes/no 1/2
+    assert full["shape"] >= 0.7 and full["color"] >= 0.7 and full["yes_no"] >= 0.6, full
+    hired = evaluate_dropping(model, processor, records, "hired", 0.1)
+    assert hired["kept_mean"] == pytest.approx(0.1 * full["n_before_mean"], abs=1.0)
+    assert hired["shape"] >= 0.6 and hired["color"] >= 0.6, hired
+    assert hired["touch"] >= 0.8, hired
+
+
+def test_generate_answers_in_words(default, records):
+    from vlmdrop.cli import build_prompt
+
+    model, processor = default
+    recs = [r for r in records if r["qtype"] == "color"][:4]
+    inputs = processor(images=[r["image"] for r in recs], text=[build_prompt(processor, r["question"]) for r in recs],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    words = [t.split()[0] if t.split() else "" for t in texts]
+    assert sum(w == r["answer"] for w, r in zip(words, recs)) >= 3, (words, [r["answer"] for r in recs])
+
+
+def test_evaluate_cli_prints_the_table(capsys, tmp_path):
+    rc = main(["--n", "12", "--methods", "hired,random", "--budgets", "0.1", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| full |" in out and "| hired@0.1 |" in out and "| random@0.1 |" in out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res) == {"full", "hired@0.1", "random@0.1"} and res["random@0.1"]["kept_mean"] > 0
