@@ -136,8 +136,15 @@ def test_cli_runs_and_writes_the_model(tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["--out", str(out), "--steps-a", "1", "--steps-b", "1", "--batch", "1", "--eval-n", "2", "--check-at", "0",
                "--no-progress", "--crop", "56", "--patch", "14", "--vision-layers", "2", "--text-layers", "1",
-               "--feature-layer", "1"])
+               "--feature-layer", "1", "--cls-shape", "zoom"])
     assert rc == 0 and (out / "model.safetensors").is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finished"] is True
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vision_feature_layer"] == 1 and cfg["vision_config"]["patch_size"] == 14
+
+
+def test_args_are_validated():
+    with pytest.raises(ValueError, match="cls_shape"):
+        TrainArgs(out="x", cls_shape="tiles")
+    with pytest.raises(ValueError, match="batch"):
+        TrainArgs(out="x", batch=0)

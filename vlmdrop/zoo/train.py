@@ -83,6 +83,7 @@ class TrainArgs:
     tile_views: int = 2  # stage A: extra crops per canvas at the AnyRes scale
     zoom_views: int = 2  # stage A: zoomed crops per canvas
     dense_weight: float = 1.0  # stage A: weight of the per-patch loss (0: CLS heads only)
+    cls_shape: str = "tiles+zoom"  # stage A: views whose CLS names the shape ("zoom": zoomed crops only)
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -98,6 +99,8 @@ class TrainArgs:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if not 0.0 <= self.zoom_only <= 1.0 or not 0.0 <= self.zoom_mix <= 1.0:
             raise ValueError(f"zoom_only={self.zoom_only} and zoom_mix={self.zoom_mix} must lie in [0, 1]")
+        if self.cls_shape not in ("tiles+zoom", "zoom"):
+            raise ValueError(f"cls_shape must be 'tiles+zoom' or 'zoom', got {self.cls_shape!r}")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
 
@@ -201,6 +204,9 @@ def _prompt(processor: Any, question: str) -> str:
 # --------------------------------------------------------------------------- stages
 
 
+_BASE, _TILE, _ZOOM = 0, 1, 2  # view kinds of stage A
+
+
 class _Heads(torch.nn.Module):
     """Stage A's heads (not saved with the model): shape / colour from the CLS token (``pooler_output``),
     and per patch (background + shape / background + colour) from the features the LLM receives."""
@@ -236,7 +242,7 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
     recs = list(_stream("train", args.seed + 1000, step * args.batch, args.batch))
     ip = processor.image_processor
     pins = ip.image_grid_pinpoints
-    views, shapes, colors, base, dshape, dcolor = [], [], [], [], [], []
+    views, shapes, colors, kinds, dshape, dcolor = [], [], [], [], [], []
     for j, r in enumerate(recs):
         rng = _rng(args.seed, _STAGE_A, step, j)
         image, bbox, (w, h) = r["image"], r["bbox"], r["image"].size
@@ -257,19 +263,19 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
         views += v
         shapes += [si] * len(v)
         colors += [ci] * len(v)
-        base += [True] + [False] * (len(v) - 1)
+        kinds += [_BASE, _TILE] + [_TILE] * args.tile_views + [_ZOOM] * args.zoom_views
         dshape += [patch_labels(b, 1 + si, cfg.crop, cfg.patch) for b in boxes]
         dcolor += [patch_labels(b, 1 + ci, cfg.crop, cfg.patch) for b in boxes]
     return {"views": torch.stack(views), "shape": torch.tensor(shapes), "color": torch.tensor(colors),
-            "base": torch.tensor(base), "dense_shape": torch.stack(dshape), "dense_color": torch.stack(dcolor)}
+            "kind": torch.tensor(kinds), "dense_shape": torch.stack(dshape), "dense_color": torch.stack(dcolor)}
 
 
 def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], args: TrainArgs) -> torch.Tensor:
     batch = {k: v.to(model.device) for k, v in batch.items()}
     out = model.model.vision_tower(batch["views"], output_hidden_states=True)
     pooled = out.pooler_output  # (V, D)
-    not_base = ~batch["base"]
-    loss = F.cross_entropy(heads.shape(pooled[not_base]), batch["shape"][not_base])
+    named = batch["kind"] == _ZOOM if args.cls_shape == "zoom" else batch["kind"] != _BASE
+    loss = F.cross_entropy(heads.shape(pooled[named]), batch["shape"][named])
     loss = loss + F.cross_entropy(heads.color(pooled), batch["color"])
     if args.dense_weight > 0:
         feats = heads.dense_norm(out.hidden_states[args.model.feature_layer][:, 1:])  # (V, N, D), CLS dropped
@@ -513,6 +519,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-views", type=int, default=d.tile_views, help="stage A: crops per canvas at the AnyRes scale")
     p.add_argument("--zoom-views", type=int, default=d.zoom_views, help="stage A: zoomed crops per canvas")
     p.add_argument("--dense-weight", type=float, default=d.dense_weight, help="stage A: per-patch loss weight")
+    p.add_argument("--cls-shape", default=d.cls_shape, choices=["tiles+zoom", "zoom"],
+                   help="stage A: views on which the CLS token must name the shape (the per-patch loss covers all)")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
@@ -534,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = TrainArgs(out=a.out, seed=a.seed, minutes=a.minutes, steps_a=a.steps_a, steps_b=a.steps_b, batch=a.batch,
                      lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
-                     dense_weight=a.dense_weight, eval_n=a.eval_n, save_every=a.save_every,
+                     dense_weight=a.dense_weight, cls_shape=a.cls_shape, eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
                                       text_layers=a.text_layers, feature_layer=a.feature_layer))
