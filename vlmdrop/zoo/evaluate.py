@@ -73,6 +73,7 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     touch_grid: list[float] = []
     kept: list[int] = []
     before: list[int] = []
+    missed: dict[str, list[float]] = {}  # per qtype: answer correct, for samples whose kept tokens miss the shape
     params = method_params(method, budget, seed=seed, num_layers=model.config.text_config.num_hidden_layers)
     handle = vlmdrop.apply(model, method, **params) if method else None
     try:
@@ -98,6 +99,8 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
                     idx.update(group.tolist())
                 hit = [k for k in sorted(idx) if boxes[k] is not None and boxes_touch(boxes[k], r["bbox"])]
                 touch.append(float(bool(hit)))
+                if not hit:
+                    missed.setdefault(r["qtype"], []).append(hits[r["qtype"]][-1])
                 touch_grid.append(float(any(k >= (crop // patch) ** 2 for k in hit)))  # an AnyRes grid token
                 kept.append(st.n_kept)
     finally:
@@ -106,6 +109,9 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     out = {q: float(np.mean(v)) for q, v in hits.items() if v}
     out["all"] = float(np.mean([x for v in hits.values() for x in v]))
     out["touch"] = float(np.mean(touch))
+    for q, v in missed.items():
+        out[f"{q}_missed"] = float(np.mean(v))  # accuracy on the samples whose kept tokens miss the shape
+        out[f"{q}_missed_n"] = len(v)
     out["touch_grid"] = float(np.mean(touch_grid))
     out["n_before_mean"] = float(np.mean(before))
     if kept:
@@ -113,15 +119,21 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     return out
 
 
+def _missed(r: dict[str, float]) -> str:
+    parts = [f"{r[q + '_missed']:.2f} ({r[q + '_missed_n']})" if q + "_missed" in r else "-" for q in ("shape", "color")]
+    return ", ".join(parts)
+
+
 def _table(results: dict[str, dict[str, float]]) -> str:
     full = results["full"]
-    lines = ["| config | shape | colour | yes/no | all | shape / full | colour / full | touch | touch (grid) | kept tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | shape | colour | yes/no | all | shape / full | colour / full | touch | touch (grid) "
+             "| shape, colour when missed | kept tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         kept = f"{r['kept_mean']:.1f}" if "kept_mean" in r else f"{r.get('n_before_mean', 0):.1f} (all)"
         rel = [f"{r[q] / full[q]:.2f}" if full.get(q) else "-" for q in ("shape", "color")]
         lines.append(f"| {name} | {r['shape']:.3f} | {r['color']:.3f} | {r['yes_no']:.3f} | {r['all']:.3f} | {rel[0]} | "
-                     f"{rel[1]} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {kept} |")
+                     f"{rel[1]} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {_missed(r)} | {kept} |")
     return "\n".join(lines)
 
 
