@@ -148,3 +148,13 @@ def test_args_are_validated():
         TrainArgs(out="x", cls_shape="tiles")
     with pytest.raises(ValueError, match="batch"):
         TrainArgs(out="x", batch=0)
+
+
+def test_two_runs_of_the_same_command_give_the_same_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_args(a))
+    train(_args(b))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
