@@ -23,19 +23,12 @@ import torch
 
 from .default import default_model_path, load_mini
 from .easyvqa_hr import QTYPES, easyvqa_hr_records
+from .mini import prompt
 from .token_boxes import boxes_touch, token_boxes
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_dropping", "method_params", "main"]
-
-SUFFIX = "\nAnswer the question using a single word or phrase."
-
-
-def _prompt(processor: Any, question: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + SUFFIX}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True)
-
 
 def method_params(method: str | None, budget: float, *, seed: int = 0, num_layers: int = 3) -> dict[str, Any]:
     """Parameters that make ``method`` keep ``budget`` of the visual tokens.
@@ -79,7 +72,7 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     try:
         for i in range(0, len(records), batch):
             chunk = records[i : i + batch]
-            inputs = processor(images=[r["image"] for r in chunk], text=[_prompt(processor, r["question"]) for r in chunk],
+            inputs = processor(images=[r["image"] for r in chunk], text=[prompt(processor, r["question"]) for r in chunk],
                                return_tensors="pt", padding=True).to(model.device)
             pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
             for j, (r, p) in enumerate(zip(chunk, pred.tolist())):

@@ -35,7 +35,10 @@ from transformers import (
 
 from .easyvqa_hr import ANSWER_COLORS, SHAPES
 
-__all__ = ["CROP", "PATCH", "MiniConfig", "build_mini", "build_mini_processor", "build_mini_tokenizer", "pinpoints"]
+__all__ = [
+    "CROP", "PATCH", "SUFFIX", "MiniConfig", "build_mini", "build_mini_processor", "build_mini_tokenizer", "pinpoints",
+    "prompt",
+]
 
 CROP: int = 112
 PATCH: int = 16
@@ -77,6 +80,16 @@ class MiniConfig:
             heads = self.vision_heads if name == "vision_hidden" else self.text_heads
             if getattr(self, name) % heads:
                 raise ValueError(f"{name}={getattr(self, name)} is not divisible by {heads} heads")
+
+
+#: LLaVA-1.5's short-answer instruction; every training and evaluation question ends with it.
+SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def prompt(processor: LlavaNextProcessor, question: str) -> str:
+    """The chat-template prompt (one image, ``question`` + :data:`SUFFIX`) the miniature model is trained on."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + SUFFIX}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True)
 
 
 def pinpoints(crop: int) -> list[list[int]]:

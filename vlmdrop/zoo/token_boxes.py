@@ -8,11 +8,27 @@ ratio, each row followed by one ``image_newline`` position (box ``None``).
 
 from __future__ import annotations
 
+import math
+
 from transformers.image_processing_utils import select_best_resolution
 
-__all__ = ["token_boxes", "boxes_touch"]
+__all__ = ["anyres_layout", "token_boxes", "boxes_touch"]
 
 Box = tuple[float, float, float, float]
+
+
+def anyres_layout(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int, int, int, int, int]:
+    """``(tw, th, nw, nh, px, py)`` of an image of ``image_size = (w, h)``: the best pinpoint, the size the
+    image processor resizes the image to inside it (aspect preserved, as ``get_patch_output_size``) and
+    the centred zero padding around it."""
+    w, h = image_size
+    th, tw = select_best_resolution((h, w), pinpoints)
+    sw, sh = tw / w, th / h
+    if sw < sh:
+        nw, nh = tw, min(math.ceil(h * sw), th)
+    else:
+        nh, nw = th, min(math.ceil(w * sh), tw)
+    return tw, th, nw, nh, (tw - nw) // 2, (th - nh) // 2
 
 
 def token_boxes(image_size: tuple[int, int], pinpoints: list[list[int]], crop: int, patch: int) -> list[Box | None]:
@@ -29,15 +45,8 @@ def token_boxes(image_size: tuple[int, int], pinpoints: list[list[int]], crop: i
     for r in range(g):  # base image: the canvas squashed to crop x crop
         for c in range(g):
             boxes.append((c * w / g, r * h / g, (c + 1) * w / g, (r + 1) * h / g))
-    th, tw = select_best_resolution((h, w), pinpoints)
+    tw, th, nw, nh, px, py = anyres_layout((w, h), pinpoints)
     rows, cols = th // crop * g, tw // crop * g  # feature grid before unpadding
-    # image processor: aspect-preserving resize into (tw, th), centred zero padding
-    sw, sh = tw / w, th / h
-    if sw < sh:
-        nw, nh = tw, min(-(-h * tw // w), th)
-    else:
-        nh, nw = th, min(-(-w * th // h), tw)
-    px, py = (tw - nw) // 2, (th - nh) // 2
     # model's unpad_image on the (rows, cols) feature grid, with the original (h, w)
     r0, r1, c0, c1 = 0, rows, 0, cols
     if w / h > cols / rows:

@@ -45,17 +45,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers.image_processing_utils import select_best_resolution
 
 from .easyvqa_hr import ANSWER_COLORS, QTYPES, SHAPES, easyvqa_hr_max_n, easyvqa_hr_records
-from .mini import MiniConfig, build_mini
+from .mini import MiniConfig, build_mini, prompt
+from .token_boxes import anyres_layout
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainArgs", "ChanceError", "train", "evaluate_answers", "zoom_view", "view_around", "patch_labels",
            "shape_tile_index", "tile_box", "main"]
 
-SUFFIX = "\nAnswer the question using a single word or phrase."
 STATE = "train_state.pt"
 _STAGE_A, _STAGE_B, _EVAL = 1, 2, 3
 
@@ -148,18 +147,6 @@ def patch_labels(box: Sequence[float], label: int, crop: int, patch: int) -> tor
     return torch.where(hit, label, 0).reshape(-1).long()
 
 
-def _anyres_layout(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int, int, int, int, int]:
-    """``(tw, th, nw, nh, px, py)``: best pinpoint, resized canvas size and its centred padding."""
-    w, h = image_size
-    th, tw = select_best_resolution((h, w), pinpoints)
-    sw, sh = tw / w, th / h
-    if sw < sh:
-        nw, nh = tw, min(math.ceil(h * sw), th)
-    else:
-        nh, nw = th, min(math.ceil(w * sh), tw)
-    return tw, th, nw, nh, (tw - nw) // 2, (th - nh) // 2
-
-
 def shape_tile_index(image_size: tuple[int, int], bbox: Sequence[int], pinpoints: list[list[int]], crop: int) -> int:
     """Index in the processor's ``pixel_values`` of the AnyRes tile holding the bbox centre (0 is the base image).
 
@@ -167,7 +154,7 @@ def shape_tile_index(image_size: tuple[int, int], bbox: Sequence[int], pinpoints
     zero padding, raster order of ``crop`` px tiles after the base image.
     """
     w, h = image_size
-    tw, th, nw, nh, px, py = _anyres_layout(image_size, pinpoints)
+    tw, th, nw, nh, px, py = anyres_layout(image_size, pinpoints)
     cx = px + (bbox[0] + bbox[2]) / 2 * nw / w
     cy = py + (bbox[1] + bbox[3]) / 2 * nh / h
     col = min(int(cx // crop), tw // crop - 1)
@@ -179,7 +166,7 @@ def tile_box(image_size: tuple[int, int], bbox: Sequence[int], pinpoints: list[l
              tile: int) -> tuple[float, float, float, float]:
     """``bbox`` (canvas px) in the pixel coordinates of AnyRes tile ``tile`` (1-based, as in ``pixel_values``)."""
     w, h = image_size
-    tw, th, nw, nh, px, py = _anyres_layout(image_size, pinpoints)
+    tw, th, nw, nh, px, py = anyres_layout(image_size, pinpoints)
     row, col = divmod(tile - 1, tw // crop)
     return (px + bbox[0] * nw / w - col * crop, py + bbox[1] * nh / h - row * crop,
             px + bbox[2] * nw / w - col * crop, py + bbox[3] * nh / h - row * crop)
@@ -194,11 +181,6 @@ def _stream(split: str, seed: int, start: int, count: int) -> Iterator[dict[str,
         yield from easyvqa_hr_records(split, seed=seed, n=i + take, start=i)
         count -= take
         i = 0
-
-
-def _prompt(processor: Any, question: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + SUFFIX}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------- stages
@@ -251,7 +233,7 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
         v = [pv[0], pv[tile]]
         boxes = [(bbox[0] * cfg.crop / w, bbox[1] * cfg.crop / h, bbox[2] * cfg.crop / w, bbox[3] * cfg.crop / h),
                  tile_box((w, h), bbox, pins, cfg.crop, tile)]
-        _, _, nw, _, _, _ = _anyres_layout((w, h), pins)
+        _, _, nw, _, _, _ = anyres_layout((w, h), pins)
         longest = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
         sides = [cfg.crop * w / nw] * args.tile_views + [longest * rng.uniform(1.5, 4.0) for _ in range(args.zoom_views)]
         crops = [view_around(image, bbox, rng, cfg.crop, side) for side in sides]
@@ -292,7 +274,7 @@ def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
         rng = _rng(args.seed, _STAGE_B, step, j)
         zoomed = rng.uniform() < zoom_p
         images.append(zoom_view(r["image"], r["bbox"], rng, cfg.crop) if zoomed else r["image"])
-        texts.append(_prompt(processor, r["question"]) + " " + r["answer"] + processor.tokenizer.eos_token)
+        texts.append(prompt(processor, r["question"]) + " " + r["answer"] + processor.tokenizer.eos_token)
     batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -2:] = batch["input_ids"][:, -2:]  # left padding: answer word + </s> are the last two
@@ -302,21 +284,17 @@ def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
 
 @torch.no_grad()
 def evaluate_answers(model: Any, processor: Any, records: Sequence[dict[str, Any]], batch: int = 8) -> dict[str, float]:
-    """Greedy first-token accuracy per question type (and overall) on easyvqa-hr ``records``."""
+    """Greedy first-token accuracy per question type (and overall) on easyvqa-hr ``records``, in eval mode
+    (`vlmdrop.zoo.evaluate.evaluate_dropping` of the unmodified model, accuracy keys only)."""
+    from .evaluate import evaluate_dropping
+
     was_training = model.training
     model.eval()
-    hits: dict[str, list[float]] = {q: [] for q in QTYPES}
-    for i in range(0, len(records), batch):
-        chunk = records[i : i + batch]
-        inputs = processor(images=[r["image"] for r in chunk], text=[_prompt(processor, r["question"]) for r in chunk],
-                           return_tensors="pt", padding=True).to(model.device)
-        pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
-        for r, p in zip(chunk, pred.tolist()):
-            hits[r["qtype"]].append(float(processor.tokenizer.convert_ids_to_tokens(p) == r["answer"]))
-    model.train(was_training)
-    out = {q: float(np.mean(v)) for q, v in hits.items() if v}
-    out["all"] = float(np.mean([x for v in hits.values() for x in v]))
-    return out
+    try:
+        acc = evaluate_dropping(model, processor, records, None, 1.0, batch=batch)
+    finally:
+        model.train(was_training)
+    return {k: v for k, v in acc.items() if k in QTYPES or k == "all"}
 
 
 @torch.no_grad()
@@ -352,6 +330,18 @@ def _check(where: str, shape: float, color: float, args: TrainArgs, n: int, path
     if failed:
         raise ChanceError(f"early check at {where}: {'; '.join(failed)} on {n} held-out samples. "
                           f"Stopped; state saved in {path} (rerun with --check-at 0 to go on anyway).")
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: Any, ema: float | None, bar: Any) -> float:
+    """Backward, clip ``clip``'s gradient norm to 1, step; returns the updated loss EMA (shown on ``bar``)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+    bar.update(1)
+    bar.set_postfix(loss=f"{ema:.3f}")
+    return ema
 
 
 def _lr(step: int, total: int, peak: float) -> float:
@@ -437,14 +427,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             for g in opts[0].param_groups:
                 g["lr"] = _lr(step, args.steps_a, args.lr_a)
             loss = _stage_a_loss(model, heads, batch_a, args)
-            opts[0].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(opts[0].param_groups[0]["params"], 1.0)
-            opts[0].step()
+            ema = _optimizer_step(opts[0], loss, opts[0].param_groups[0]["params"], ema, bar)
             step += 1
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}")
             if step % args.save_every == 0 or step == args.steps_a:
                 _save_state(state_path, model, heads, opts, stage, step, log_rows)
                 record({"stage": "A", "step": step, "loss": ema,
@@ -471,15 +455,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         batch = {k: v.to(device) for k, v in _stage_b_batch(args, processor, step).items()}
         for g in opts[1].param_groups:
             g["lr"] = _lr(step, args.steps_b, args.lr_b) * g["scale"]
-        loss = model(**batch).loss
-        opts[1].zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opts[1].step()
+        ema = _optimizer_step(opts[1], model(**batch).loss, model.parameters(), ema, bar)
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}")
         if step == check_step:
             acc = evaluate_answers(model, processor, held_out)
             record({"stage": "B", "step": step, "check": True, **acc})
