@@ -9,6 +9,8 @@ the decoder layers, the open_clip blocks).
   their positions), `vision_rows` (the rows a vision-stage method hands the LLM, from its stats),
   `sample_embeds` (one sample alone, unpadded, its placeholders shrunk to those rows: the `inputs_embeds`
   the LLM should see, with contiguous positions).
+* `internvl_post_shuffle`: InternVL's post-shuffle tensors (projector input, CLS attention and keys pooled
+  over 2x2 source patches) for the selection checks.
 * LLM stage: `llm_plan` (FastV's / PyramidDrop's schedule and counts), `llm_stage_reference` (on the eager
   model, the last prompt token's attention in layer K-1 ranks each image's tokens; the dropped ones are
   masked out as keys of every layer >= K, positions kept or renumbered), `MaskedLM` (that masking).
@@ -189,6 +191,44 @@ def sample_embeds(model: nn.Module, inputs: dict, b: int, images: list[ImageRef]
             spans.append(span)
             off += rows[i].shape[0]
     return emb, spans
+
+
+def internvl_post_shuffle(model: nn.Module, pixel_values: torch.Tensor):
+    """InternVL without vlmdrop, per tile on the post-shuffle raster grid (side s = sqrt(tokens per tile)):
+    the projector's input in placeholder order (T, s*s, 4C); the feature layer's CLS attention summed over
+    each token's 2x2 source patches (T, H, s*s) (eager attention probabilities; None under sdpa); its keys
+    (a hook on k_proj) averaged over heads, then over the 2x2 sources (T, s*s, Dh).  Feature layer -1."""
+    assert model.config.vision_feature_layer == -1, model.config.vision_feature_layer
+    vt = model.model.vision_tower
+    attn = vt.encoder.layer[-1].attention
+    seen = {}
+
+    def grab(module, args, out):  # returns None: the output goes on unchanged
+        seen["k"] = out.detach()
+
+    hook = attn.k_proj.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            out = vt(pixel_values=pixel_values, output_attentions=True)
+    finally:
+        hook.remove()
+    t = pixel_values.shape[0]
+    feats = out.last_hidden_state[:, 1:]  # (T, P*P, C) patches, CLS dropped
+    n_patch = feats.shape[1]
+    side_p = math.isqrt(n_patch)  # patches per side
+    side, per_tile = side_p // 2, n_patch // 4  # post-shuffle grid
+    with torch.no_grad():
+        pre = model.model.pixel_shuffle(feats.reshape(t, side_p, side_p, -1), scale_factor=0.5)
+    pre = pre.reshape(t, per_tile, -1)  # (T, s*s, 4C) what the projector receives, in placeholder order
+    heads = attn.num_heads
+    cls = None  # attention probabilities come back under eager attention only
+    if out.attentions:
+        cls = out.attentions[-1][:, :, 0, 1:]  # (T, H, P*P) CLS row, CLS column dropped
+        cls = cls.reshape(t, heads, side, 2, side, 2).sum((3, 5)).reshape(t, heads, per_tile)  # (T, H, s*s)
+    k = seen["k"][:, 1:]  # (T, P*P, H*Dh)
+    k = k.reshape(t, n_patch, heads, -1).mean(2)  # (T, P*P, Dh)
+    k = k.reshape(t, side, 2, side, 2, -1).mean((2, 4)).reshape(t, per_tile, -1)  # (T, s*s, Dh)
+    return pre, cls, k
 
 
 # --------------------------------------------------------------------------------------------- LLM stage
