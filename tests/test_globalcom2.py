@@ -1,6 +1,7 @@
 """GlobalCom2 as a method: crop retention and token scores on hand-made maps (InternVL layout with the
-thumbnail last, LLaVA-NeXT layout with unpadding and newlines), the pre-softmax capture, and the method
-on the real LLaVA-NeXT / LLaVA classes (identity, exact budgets, reference equality, backends)."""
+thumbnail last, LLaVA-NeXT layout with unpadding and newlines) and the pre-softmax capture.  On the real
+classes (identity, exact budgets, reference equality, backends, bf16, `remove()`, stacked with FastV) it is
+a column of the property grid (`test_properties.py`)."""
 
 import pytest
 import torch
@@ -8,7 +9,6 @@ import torch
 import vlmdrop
 from vlmdrop.interface import ImageTokens
 from vlmdrop.methods.globalcom2 import GlobalCom2, GlobalCom2Config, _crop_boxes
-from vlmdrop.ops.budget import resolve_budget
 from vlmdrop.ops.globalcom2 import crop_keep_counts, crop_retention, crop_token_scores, official_crop_boxes
 from vlmdrop.ops.hired import top_positions
 
@@ -127,40 +127,3 @@ def test_logit_capture_softmaxes_to_eager_attention():
     eager = out.attentions[-1][:, :, 0]  # (crops, H, N)
     torch.testing.assert_close(rows["score"].softmax(-1), eager, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(rows["attn"], eager, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_identity_and_exact_counts_on_llava(kind):
-    model, proc = get_model(kind)
-    inputs = batch(proc, MIXED)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with vlmdrop.dropping(model, "globalcom2", budget=1.0):
-            assert torch.equal(model(**inputs).logits, ref)
-        for budget in (0.1, 0.25, 0.8, 7):
-            with vlmdrop.dropping(model, "globalcom2", budget=budget) as h:
-                model(**inputs)
-            for s in h.stats.images:
-                assert s.n_kept == resolve_budget(budget, s.n_before) == s.kept_indices.numel()
-                assert s.crop_budgets == s.crop_kept and sum(s.crop_budgets) == s.n_kept
-
-
-def test_llava_next_generate_equals_reference_and_backends_agree():
-    from test_engine import _reference_embeds
-
-    model, proc = get_model("llava_next")
-    eager, _ = get_model("llava_next", "eager")
-    inputs = batch(proc, MIXED)
-    n_new = 4
-    with torch.no_grad():
-        with vlmdrop.dropping(model, "globalcom2", budget=0.25) as h:
-            out = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-        with vlmdrop.dropping(eager, "globalcom2", budget=0.25) as he:
-            eager.generate(**inputs, max_new_tokens=1)
-        assert [s.kept_indices.tolist() for s in h.stats.images] == [s.kept_indices.tolist() for s in he.stats.images]
-        L = inputs["input_ids"].shape[1]
-        for b in range(len(MIXED)):
-            emb = _reference_embeds(model, inputs, h.stats, b)
-            ref = model.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
-                                 max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-            assert out[b, L:].tolist() == ref[0, -n_new:].tolist()
