@@ -47,6 +47,7 @@ from conftest import HAS_OPEN_CLIP, IMAGE_SIZES, OPEN_CLIP_LAYERS, PROMPTS, TEXT
 
 # ---------------------------------------------------------------------------------------------- methods
 VISION_METHODS = ("hired", "random", "visionzip", "pool", "globalcom2")
+NEW_ROW_METHODS = ("visionzip", "pool")  # the vision-stage methods that make new rows
 LLM_METHODS = ("fastv", "pdrop")
 SWEEP = (0.05, 0.3, 0.77, 7, 10_000)  # budgets of the exact-count property: fractions and counts
 
@@ -72,7 +73,7 @@ def _stack(vision: str, vparams: dict, llm: str, lparams: dict, full_llm: dict) 
 METHODS = {
     "hired": _vision("hired", {"budget": 0.3}),
     "random": _vision("random", {"budget": 9, "seed": 3}),
-    "visionzip": _vision("visionzip", {"budget": 0.4, "ratio": 1.0}),  # several contextual tokens per crop
+    "visionzip": _vision("visionzip", {"budget": 9, "ratio": 1.0}),  # several contextual tokens per crop
     "pool": _vision("pool", {"budget": 0.3}),
     "globalcom2": _vision("globalcom2", {"budget": 0.25}),
     "fastv": Method("fastv", {"layer": 2, "keep": 0.25},
@@ -193,12 +194,18 @@ def _generate(family: str, model, inputs):
     return model.generate(**inputs, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
 
 
-def _n_before(family: str, model, inputs) -> list[tuple[int, int]]:
-    """(sample, visual positions) per image, as the unmodified model computes them."""
+def _images(family: str, model, inputs) -> list[tuple[int, int, int, int]]:
+    """(sample, visual positions, content positions, crops) per image, as the unmodified model computes them
+    (content: not LLaVA-NeXT's newline rows; crops: LLaVA-NeXT base + grid, InternVL tiles)."""
     if family in OPEN_CLIP_FAMILIES:
         n = model.visual.positional_embedding.shape[0] - 1
-        return [(b, n) for b in range(inputs.shape[0])]
-    return [(im.sample, im.rows.shape[0]) for im in image_refs(model, inputs)]
+        return [(b, n, n, 1) for b in range(inputs.shape[0])]
+    return [(im.sample, im.rows.shape[0], int(im.content.sum()), im.crops) for im in image_refs(model, inputs)]
+
+
+def _n_before(family: str, model, inputs) -> list[tuple[int, int]]:
+    """(sample, visual positions) per image."""
+    return [im[:2] for im in _images(family, model, inputs)]
 
 
 def _spec(method: str):
@@ -236,19 +243,22 @@ def test_exact_kept_counts(family, method, attn):
     model, proc = get_model(family, attn)
     inputs = count_inputs(family, proc)
     with torch.no_grad():
-        n_before = _n_before(family, model, inputs)
+        images = _images(family, model, inputs)
     for params in METHODS[method].sweep:
         if family in OPEN_CLIP_FAMILIES:
-            _check_tower_counts(model, inputs, method, params, n_before)
+            _check_tower_counts(model, inputs, method, params, images)
         else:
-            _check_llm_counts(model, inputs, method, params, n_before)
+            _check_llm_counts(model, inputs, method, params, images)
 
 
-def _check_image_stats(s, method: str, params: dict, n: int) -> int:
-    """The per-image stats at `params`; returns the rows the vision stage hands on."""
+def _check_image_stats(s, method: str, params: dict, image: tuple[int, int, int, int]) -> int:
+    """The per-image stats at `params` (`image` from `_images`); returns the rows the vision stage hands on."""
     vision, llm = _stages(method, params)
+    sample, n, n_content, crops = image
     v, final, layers = expected_counts(method, params, n)
-    assert s.n_before == n and s.n_kept == final, (params, s.n_before, s.n_kept, final)
+    assert (s.sample, s.n_before) == (sample, n) and s.n_kept == final, (params, s.n_before, s.n_kept, final)
+    if vision is None or vision[0] not in NEW_ROW_METHODS:
+        assert s.n_new == 0 and not s.new_groups, params  # only visionzip and pool make new rows
     k = s.kept_indices
     assert k.dtype == torch.long and k.numel() == s.n_kept - s.n_new, params
     assert torch.all(k[1:] > k[:-1]) and (k.numel() == 0 or 0 <= int(k.min()) <= int(k.max()) < n), params
@@ -260,13 +270,15 @@ def _check_image_stats(s, method: str, params: dict, n: int) -> int:
     if vision is None:
         assert s.crop_budgets == [] and s.crop_kept == [], params
     else:
-        assert s.crop_budgets == s.crop_kept and len(s.crop_budgets) >= 1, params
+        assert s.crop_budgets == s.crop_kept and len(s.crop_budgets) == crops, (params, s.crop_budgets, crops)
+        # the shares sum to the budget, spent on content rows (LLaVA-NeXT's newline rows only on overflow)
+        assert sum(s.crop_budgets) == min(v, n_content), (params, s.crop_budgets, v, n_content)
     spec = METHODS[method].spec
     assert s.method == ("+".join(spec) if isinstance(spec, tuple) else spec), (s.method, spec)
     return v
 
 
-def _check_llm_counts(model, inputs, method, params, n_before):
+def _check_llm_counts(model, inputs, method, params, images):
     seen = {}
     lm = model.model.language_model
     with torch.no_grad(), vlmdrop.dropping(model, _spec(method), **params) as h:
@@ -276,14 +288,11 @@ def _check_llm_counts(model, inputs, method, params, n_before):
             model(**inputs)
         finally:
             hook.remove()
-    assert [(s.sample, s.n_before) for s in h.stats.images] == n_before, params
+    assert len(h.stats.images) == len(images), params
     rows = [0] * inputs["input_ids"].shape[0]
     vision, _ = _stages(method, params)
-    for s in h.stats.images:
-        v = _check_image_stats(s, method, params, s.n_before)
-        rows[s.sample] += v
-        if vision is not None:  # every crop share is spent: on content rows (LLaVA-NeXT newlines only on overflow)
-            assert sum(s.crop_budgets) <= v, params
+    for s, image in zip(h.stats.images, images):
+        rows[s.sample] += _check_image_stats(s, method, params, image)
     image_id = model.config.image_token_id
     mask = seen["attention_mask"]
     assert mask.dim() == 2, mask.shape
@@ -302,7 +311,7 @@ def _check_llm_counts(model, inputs, method, params, n_before):
             assert torch.all(p[1:] - p[:-1] == 1), (params, p)  # contiguous: no gap where rows were removed
 
 
-def _check_tower_counts(model, x, method, params, n_before):
+def _check_tower_counts(model, x, method, params, images):
     blocks = model.visual.transformer.resblocks
     for layer in (1, OPEN_CLIP_LAYER, -1):
         seen = []
@@ -314,13 +323,13 @@ def _check_tower_counts(model, x, method, params, n_before):
             finally:
                 for p in probes:
                     p.remove()
-        n = n_before[0][1]
+        n = images[0][1]
         v = _count(params["budget"], n)
         lay = layer % OPEN_CLIP_LAYERS
         assert seen == [1 + n] * lay + [1 + v] * (OPEN_CLIP_LAYERS - lay), (params, layer, seen)
-        assert [(s.sample, s.n_before) for s in h.stats.images] == n_before
-        for s in h.stats.images:
-            _check_image_stats(s, method, params, n)
+        assert len(h.stats.images) == len(images)
+        for s, image in zip(h.stats.images, images):
+            _check_image_stats(s, method, params, image)
 
 
 @pytest.mark.parametrize("family,method,attn", CELLS)
