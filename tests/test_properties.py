@@ -49,7 +49,7 @@ from conftest import HAS_OPEN_CLIP, IMAGE_SIZES, OPEN_CLIP_LAYERS, PROMPTS, TEXT
 VISION_METHODS = ("hired", "random", "visionzip", "pool", "globalcom2")
 NEW_ROW_METHODS = ("visionzip", "pool")  # the vision-stage methods that make new rows
 LLM_METHODS = ("fastv", "pdrop")
-SWEEP = (0.05, 0.3, 0.77, 7, 10_000)  # budgets of the exact-count property: fractions and counts
+SWEEP = (0.05, 0.77, 7, 10_000)  # budgets of the exact-count property: fractions and counts (0.3: other cells)
 
 
 @dataclass(frozen=True)
@@ -163,23 +163,40 @@ def _prompts(family: str, prompts: list[str]) -> list[str]:
     return [p.replace("<image>", "<IMG_CONTEXT>") for p in prompts] if family == "internvl" else prompts
 
 
+_INPUTS: dict = {}
+
+
+def _cached(key, build):
+    """Processor outputs built once per family (a fresh dict each call: tests may replace entries)."""
+    if key not in _INPUTS:
+        _INPUTS[key] = build()
+    value = _INPUTS[key]
+    return value if isinstance(value, torch.Tensor) else dict(value)
+
+
 def grid_inputs(family: str, proc):
     """The reference batch (or, for open_clip, three random 32 px images)."""
     if family in OPEN_CLIP_FAMILIES:
-        return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    images = [make_image(h, w, i) for i, (h, w) in enumerate(GRID_SIZES[family])]
-    inputs = proc(images=images, text=_prompts(family, GRID_PROMPTS), return_tensors="pt", padding=True)
-    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # three lengths: left padding
-    return inputs
+        return _cached(family, lambda: torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    def build():
+        images = [make_image(h, w, i) for i, (h, w) in enumerate(GRID_SIZES[family])]
+        inputs = proc(images=images, text=_prompts(family, GRID_PROMPTS), return_tensors="pt", padding=True)
+        assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # three lengths: left padding
+        return inputs
+    return _cached(("grid", family), build)
 
 
 def count_inputs(family: str, proc):
     if family in OPEN_CLIP_FAMILIES:
         return grid_inputs(family, proc)
-    sizes = COUNT_SIZES[family]
-    images = [make_image(h, w, i) for i, (h, w) in enumerate(sizes)]
-    prompts = _prompts(family, [PROMPTS[i % len(PROMPTS)] for i in range(len(sizes))])
-    return proc(images=images, text=prompts, return_tensors="pt", padding=True)
+
+    def build():
+        sizes = COUNT_SIZES[family]
+        images = [make_image(h, w, i) for i, (h, w) in enumerate(sizes)]
+        prompts = _prompts(family, [PROMPTS[i % len(PROMPTS)] for i in range(len(sizes))])
+        return proc(images=images, text=prompts, return_tensors="pt", padding=True)
+    return _cached(("count", family), build)
 
 
 def _forward(family: str, model, inputs):
@@ -226,9 +243,10 @@ def test_full_budget_is_identity(family, method, attn):
     with torch.no_grad():
         ref, ref_gen = _forward(family, model, inputs), _generate(family, model, inputs)
         n_before = _n_before(family, model, inputs)
-        for params in METHODS[method].full:
+        for i, params in enumerate(METHODS[method].full):
             with vlmdrop.dropping(model, _spec(method), **_params(family, params)) as h:
-                out, gen = _forward(family, model, inputs), _generate(family, model, inputs)
+                out = _forward(family, model, inputs)
+                gen = _generate(family, model, inputs) if i == 0 else None  # generate at the first one
             assert torch.equal(out, ref), params
             assert gen is None or torch.equal(gen, ref_gen), params
             assert [(s.sample, s.n_before) for s in h.stats.images] == n_before
