@@ -64,16 +64,16 @@ def official_crop_budgets(
     regions, floor instead of rounding (sum b_i <= sub; the remainder is lost), cap at N without
     redistribution. Ties in the layer-0 top-k are resolved by torch.topk (unspecified order).
 
-    Raises ValueError where the official code would crash or produce garbage: N not divisible
-    by n_sub (its reshape fails), or an empty `top` set while sub > 0 (its 0/0 gives NaN).
+    When sub = 0 the official code skips the sub-image step, so `[base, 0, ..., 0]` is returned
+    for any N and n_sub. Raises ValueError where the official code would crash or produce garbage
+    with sub > 0: N not divisible by n_sub (its reshape fails), or an empty `top` set (its 0/0
+    gives NaN).
     """
     if first_layer_cls_attn_base.dim() != 1:
         raise ValueError(f"first_layer_cls_attn_base must be (N,), got shape {tuple(first_layer_cls_attn_base.shape)}")
     n = first_layer_cls_attn_base.shape[0]
     if n_sub < 1:
         raise ValueError(f"n_sub must be >= 1, got {n_sub}")
-    if n % n_sub != 0:
-        raise ValueError(f"official HiRED splits the base grid into {n_sub} equal raster bands; N={n} is not divisible")
     if total_budget < 0:
         raise ValueError(f"total_budget must be >= 0, got {total_budget}")
     if not 0.0 <= alpha <= 1.0:
@@ -81,8 +81,11 @@ def official_crop_budgets(
 
     base = min(int(total_budget * alpha), n)
     sub = min(total_budget - base, n_sub * n)
-    if sub <= 0:
+    if sub <= 0:  # the official code never calls HiRED_sub_img_budgets then (MLN L549)
         return [base] + [0] * n_sub
+    if n % n_sub != 0:
+        raise ValueError(f"official HiRED splits the base grid into {n_sub} equal raster bands; N={n} is not "
+                         f"divisible (sub-image budget {sub})")
     n_top = int(n * (1 - alpha))
     if n_top == 0:
         raise ValueError(f"alpha={alpha} leaves int(N*(1-alpha))=0 first-layer tokens to count, but the "
