@@ -99,7 +99,9 @@ class Hired(VisionMethod):
 
         At rate 1.0 the official code does not run HiRED at all (`token_budget_rate < 1.0` guards it,
         MLN L989; an all-ones mask otherwise): every crop keeps all its unpadded tokens, budget N per
-        crop, still without newline rows."""
+        crop, still without newline rows.  On LLaVA-1.5 the official code scores the whole batch
+        with image 0's CLS attention and applies that one mask to every image (its ML L347, L547);
+        here each image uses its own (the same at batch size 1)."""
         if image.n_crops > 1 and image.base_crop != 0:
             raise ValueError(f"mode='official-code' reproduces the LLaVA code base (base image first); this image's "
                              f"base crop is {image.base_crop} of {image.n_crops} (InternVL): use mode='paper'")

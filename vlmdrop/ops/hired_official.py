@@ -7,7 +7,22 @@ file transformers/src/transformers/models/llava_next/modeling_llava_next.py (cal
   - HiRED_token_selection                         MLN L518-559 (total / base / sub-image budgets)
   - HiRED_sub_img_budgets                         MLN L490-516 (count-based shares, row bands, floor)
   - pack_HiRED_image_features                     MLN L782-862 (masking, unpad, no newline tokens)
-See NOTES-hired-official.md for the full account.
+and, for LLaVA-1.5, transformers/src/transformers/models/llava/modeling_llava.py ("ML"):
+  - LlavaForConditionalGeneration.HiRED_token_selection  ML L340-354 (top int(N * rate), no alpha)
+  - LlavaForConditionalGeneration.forward                ML L505-551 (layer 22; the mask at L547)
+
+What the official code does around these functions (reproduced by `vlmdrop.methods.hired`):
+  - rate >= 1.0: HiRED is skipped (MLN L989, ML L533) and an all-ones mask is used, so every
+    unpadded token is kept; on LLaVA-NeXT still without newline tokens (MLN L1011).
+  - packing (MLN L782-862): the per-crop boolean masks are stitched and unpadded exactly like the
+    features, so a token chosen in a padded area of a sub-image is removed after the choice
+    (an image keeps fewer than its budget); no `image_newline` is inserted.
+  - LLaVA-1.5 batches (ML L347, L547): the CLS row is taken from image 0 of the batch
+    (`bottom_layer_attn[0, ...]`) and the one resulting mask is applied to every image, so all images
+    of a batch keep image 0's token positions. vlmdrop's compatibility mode scores each image with its
+    own attention (identical at batch size 1, which the published benchmark scripts use:
+    `--batch_size 1` in accuracy_benchmarks/llava_1.5_7b.sh).
+    The LLaVA-NeXT path selects per image (MLN L534-558).
 
 Paper (arXiv 2408.10945, Eq. 1-2, Alg. 1) vs official code, in short:
   paper: sub-image share ~ sum of first-layer CLS attention over the base-image tokens inside the
@@ -107,7 +122,7 @@ def official_select(feature_layer_cls_attn: Tensor, budgets: list[int]) -> list[
     Returns n_crops LongTensors (b_i,), ascending (the official code builds a boolean mask, so the
     kept tokens keep their raster order). This is the same rule as the paper's in-partition
     selection; what differs afterwards (unpadding of the sub-image mask, no newline tokens) is
-    the packing step, described in NOTES-hired-official.md.
+    the packing step (MLN L782-862), described in the module docstring.
     """
     if feature_layer_cls_attn.dim() != 2:
         raise ValueError(f"feature_layer_cls_attn must be (n_crops, N), got shape {tuple(feature_layer_cls_attn.shape)}")
