@@ -7,7 +7,11 @@ Where things are taken:
   pre-projector features (a pre-hook on `multi_modal_projector`) are captured (`FeatureCapture`);
   merged rows are mapped to the LLM's space by the model's own projector (`project`).
 * Layout: the model's own `pack_image_features` run on index tensors, so the position → (crop,
-  patch) map is exactly the unpadding the installed transformers performs.
+  patch) map is exactly the unpadding the installed transformers performs.  At extreme aspect
+  ratios (20×2000 px on llava-v1.6) unpadding leaves the sub-image grid no position at all; the
+  image is then the base image (plus one bare newline per grid row for a tall picture), the
+  sub-images get a zero share and the base image carries the whole budget
+  (`vlmdrop.ops.anyres`).  Any error in describing an image names its index and `image_sizes`.
 * `image_sizes`: `generate` encodes images before the first forward and then drops `image_sizes`,
   so the base model's class is swapped, on this instance only, for a subclass whose
   `get_image_features` describes each image as it is encoded (the original class is restored by
@@ -102,9 +106,15 @@ class LlavaAdapter(HFVlmAdapter):
                 raise AssertionError(f"captured {name} for {t.shape[0]} crops, images have {total}")
         self._described = {}
         start = 0
-        for feat, size, n in zip(feats, sizes, n_crops):
+        for i, (feat, size, n) in enumerate(zip(feats, sizes, n_crops)):
             cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
-            im = self._layout(feat, n, size, cls_attn)
+            try:
+                im = self._layout(feat, n, size, cls_attn)
+            except (ValueError, AssertionError) as e:
+                where = f"image {i} of {len(feats)} in this batch"
+                if size is not None:
+                    where += f" (image_sizes (H, W) = {size}, {n} crops)"
+                raise type(e)(f"{where}: {e}") from e
             if keys is not None:
                 im.vit_keys = keys[start:start + n, 1:]  # (n, h*w, Dh) CLS row dropped
             if hidden is not None:

@@ -121,6 +121,8 @@ def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[in
         r = (j // gw) * h + local // w  # (n,) stitched-grid rows
         q = (j % gw) * w + local % w  # (n,) stitched-grid cols
         spans[c] = (int(r.min()), int(r.max()) + 1, int(q.min()), int(q.max()) + 1)
+    if not spans:  # unpadding left no sub-image position (extreme aspect ratio): nothing to score
+        return {}
     top = min(s[0] for s in spans.values())
     bottom = max(s[1] for s in spans.values())
     left = min(s[2] for s in spans.values())
