@@ -41,7 +41,7 @@ from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map
 
 from .base import register_adapter
-from .hf_vlm import HFVlmAdapter, feature_layer_index
+from .hf_vlm import ENCODED_ATTR, HFVlmAdapter, feature_layer_index
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 logger = logging.getLogger("vlmdrop")
@@ -113,9 +113,6 @@ class InternVLAdapter(HFVlmAdapter):
         self.pad_token_id = pad if pad is not None else 0
         self.capture: ClsRowCapture | None = None
         self.features: FeatureCapture | None = None
-        # (features, pixel_values, pooled CLS rows, keys (T, N', Dh) | None, hidden (T, N', 4C) | None)
-        self._encoded: tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor],
-                             torch.Tensor | None, torch.Tensor | None] | None = None
 
     def _shuffle_map(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Source patches of each post-shuffle token (in feature order), its raster index on the
@@ -141,8 +138,9 @@ class InternVLAdapter(HFVlmAdapter):
                                             return_dict=True)
 
     def _on_encoded(self, out: Any, pixel_values: torch.Tensor | None) -> None:
-        """Keep the tiles' pooled CLS rows, pixels and (for new rows) pooled keys and post-shuffle
-        features until the forward that consumes these features."""
+        """Attach the tiles' pixels, pooled CLS rows and (for new rows) pooled keys and post-shuffle
+        features to the features tensor (`ENCODED_ATTR`), for the forward that consumes them:
+        (pixel_values, pooled CLS rows, keys (T, N', Dh) | None, hidden (T, N', 4C) | None)."""
         rows = self.capture.take() if self.capture is not None else {}
         keys, hidden = self.features.take() if self.features is not None else (None, None)
         feats = out.pooler_output  # (T, N', D)
@@ -162,7 +160,7 @@ class InternVLAdapter(HFVlmAdapter):
                 raise AssertionError(f"projector input has {hidden.shape[1]} tokens per tile, "
                                      f"expected {self.tokens_per_tile}")
             hidden = self._to_raster(hidden)  # (T, N', 4C) post-shuffle raster order
-        self._encoded = (feats, pixel_values, pooled, keys, hidden)
+        setattr(feats, ENCODED_ATTR, (pixel_values, pooled, keys, hidden))
 
     def _pool(self, rows: torch.Tensor) -> torch.Tensor:
         """(T, H, h*w) patch scores -> (T, H, N') post-shuffle scores in raster order (sum of sources)."""
@@ -188,10 +186,11 @@ class InternVLAdapter(HFVlmAdapter):
     def split(self, enc: Any, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[ImageTokens]]:
         """Per-image visual rows and `ImageTokens`, grouping tiles by the placeholder runs of `input_ids`."""
         feats = enc.pooler_output
-        if self._encoded is None or self._encoded[0] is not feats:
+        encoded = getattr(feats, ENCODED_ATTR, None)
+        if encoded is None:
             raise ValueError("these image features were not encoded while vlmdrop was applied "
                              "(pass pixel_values, or call generate, with the method applied)")
-        _, pixels, pooled, keys, hidden = self._encoded
+        pixels, pooled, keys, hidden = encoded
         counts = self._tiles_per_image(input_ids)
         if sum(counts) != feats.shape[0]:
             raise ValueError(f"the placeholders describe {sum(counts)} tiles ({counts} per image) but "

@@ -4,7 +4,9 @@ What the engine needs from a model, and nothing more: the language model module 
 decoder stack called with a 2-D `attention_mask`), its decoder layers, its rotary embedding, its
 text config, and — per prefill, from the adapter — where each image's tokens sit in the sequence
 (`ImageSpan`).  Any adapter (LLaVA, LLaVA-NeXT, InternVL, ...) plugs in by calling
-`LLMStageEngine.begin_prefill(spans, base_stats)` right before the language model runs.
+`LLMStageEngine.begin_prefill(spans, base_stats)` right before the language model runs, inside a
+top-level call of its `CallScope`: everything one forward computes lives in that call's `Call`
+(`llm_spans`, then `llm`, a `_Forward`), never on the engine; decode state hangs off the cache.
 
 Per drop layer K (one for FastV, one per stage boundary for PyramidDrop):
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ from vlmdrop.interface import LLMMethod
 from vlmdrop.ops.compact import compact_positions, plan_compaction
 from vlmdrop.ops.llm_scores import last_token_attention
 from vlmdrop.stats import ImageStats
+
+from .engine import CallScope
 
 logger = logging.getLogger("vlmdrop")
 
@@ -119,20 +122,18 @@ class LLMStageEngine:
         rotary_emb: the module mapping `(x, position_ids)` to `(cos, sin)`.
         config: the text config (`num_attention_heads`, `num_key_value_heads`, `_attn_implementation`).
         method: the `LLMMethod`.
-        on_stats: called with the per-image stats at the end of every prefill.
+        scope: the top-level model's `CallScope`; each prefill's per-image stats go to its `Call.images`.
     """
 
     def __init__(self, *, language_model: nn.Module, layers: list[nn.Module], rotary_emb: nn.Module, config: Any,
-                 method: LLMMethod, on_stats: Callable[[list[ImageStats]], None]) -> None:
+                 method: LLMMethod, scope: CallScope) -> None:
         self.lm, self.layers, self.rotary_emb, self.config = language_model, list(layers), rotary_emb, config
-        self.method, self.on_stats = method, on_stats
+        self.method, self.scope = method, scope
         self.num_layers = len(self.layers)
         self.drop_layers = method.drop_layers(self.num_layers)
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._pending: tuple[list[ImageSpan], list[ImageStats]] | None = None
-        self._fwd: _Forward | None = None
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Decode
         self._handles: list[Any] = []
         try:
             self._install()
@@ -168,20 +169,29 @@ class LLMStageEngine:
             handle.remove()
         self._handles.clear()
         self._states = weakref.WeakKeyDictionary()
-        self._pending = None
-        self._fwd = None
 
     def begin_prefill(self, spans: list[ImageSpan], base: list[ImageStats]) -> None:
-        """Called by the adapter before a language-model forward that carries images: one span and one
-        stats record (what the vision stage, if any, kept; `kept_indices` into `n_before`) per image."""
+        """Called by the adapter, inside a top-level call, before a language-model forward that carries
+        images: one span and one stats record (what the vision stage, if any, kept; `kept_indices` into
+        `n_before`) per image."""
         if len(spans) != len(base):
             raise AssertionError(f"{len(spans)} image spans but {len(base)} stats records")
-        self._pending = (spans, base)
+        call = self.scope.current
+        if call is None:
+            raise AssertionError("begin_prefill called outside a top-level call of the patched model")
+        call.llm_spans = (spans, base)
+
+    def _fwd(self) -> _Forward | None:
+        """The calling thread's running language-model forward, or None."""
+        call = self.scope.current
+        return call.llm if call is not None else None
 
     # ------------------------------------------------------- language model
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pending, self._pending = self._pending, None
-        self._fwd = None
+        call = self.scope.current
+        if call is None:
+            return  # the language model run on its own, not through the patched model: nothing to do
+        pending, call.llm_spans, call.llm = call.llm_spans, None, None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         x = kwargs.get("inputs_embeds")
         if x is None:
@@ -194,7 +204,7 @@ class LLMStageEngine:
                 raise ValueError("vlmdrop: images in a forward that continues a non-empty cache are not supported")
             b, length = x.shape[0], x.shape[1]
             mask2d = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=x.device)
-            self._fwd = self._start_prefill(pending, mask2d, cache)
+            call.llm = self._start_prefill(pending, mask2d, cache)
             return
         if cache is not None:
             try:
@@ -202,8 +212,8 @@ class LLMStageEngine:
             except TypeError:
                 state = None
             if state is not None:
-                self._fwd = _Forward(mode="decode", cache=cache, mask2d=mask, stages=state.stages,
-                                     length=state.orig_len)
+                call.llm = _Forward(mode="decode", cache=cache, mask2d=mask, stages=state.stages,
+                                    length=state.orig_len)
 
     def _start_prefill(self, pending: tuple[list[ImageSpan], list[ImageStats]], mask2d: torch.Tensor,
                        cache: Any) -> _Forward:
@@ -228,7 +238,10 @@ class LLMStageEngine:
         return torch.where(mask2d, idx, -1).max(dim=1).values.clamp(min=0)
 
     def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        fwd, self._fwd = self._fwd, None
+        call = self.scope.current
+        fwd = call.llm if call is not None else None
+        if call is not None:
+            call.llm = None
         if fwd is None or fwd.mode != "prefill":
             return
         stats = []
@@ -247,7 +260,7 @@ class LLMStageEngine:
                                     kept_indices=kept, crop_budgets=list(st.crop_budgets),
                                     crop_kept=list(st.crop_kept), method=name, layer_tokens=list(im.layer_tokens),
                                     n_new=len(new), new_groups=groups))
-        self.on_stats(stats)
+        call.images = stats
         cache = getattr(output, "cache", None)
         if cache is None and isinstance(output, dict):
             cache = output.get("past_key_values")
@@ -257,7 +270,7 @@ class LLMStageEngine:
     # --------------------------------------------------------------- scoring
     def _attn_pre(self, k: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is not None and fwd.mode == "prefill":
                 emb = kwargs.get("position_embeddings")
                 if emb is None:
@@ -269,7 +282,7 @@ class LLMStageEngine:
 
     def _q_hook(self, k: int):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is not None and fwd.mode == "prefill":
                 fwd.q[k] = out.detach()  # (B, L_prev, H*D)
 
@@ -277,7 +290,7 @@ class LLMStageEngine:
 
     def _k_hook(self, k: int, attn: nn.Module):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is None or fwd.mode != "prefill" or k not in fwd.q:
                 return
             q = fwd.q.pop(k)
@@ -292,10 +305,11 @@ class LLMStageEngine:
 
         return hook
 
+
     # ------------------------------------------------------------ the drops
     def _layer_pre(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is None:
                 return None
             if fwd.mode == "prefill" and i in self.drop_layers:
@@ -420,7 +434,7 @@ class LLMStageEngine:
 
     # ---------------------------------------------------------------- output
     def _last_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        fwd = self._fwd
+        fwd = self._fwd()
         if fwd is None or fwd.mode != "prefill" or not fwd.stages:
             return None
         hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
@@ -440,20 +454,19 @@ class LLMStageSpans:
     The adapter supplies `encode(kwargs)` and `image_token_id`.  An adapter whose pooler_output is not
     one entry per image (InternVL: one per tile, or one re-packed entry after a vision stage) also
     supplies `image_rows(encoder_output, input_ids) -> rows per image`, in batch/prompt order.
+
+    A stacked vision stage hands its per-image stats over in the call's `Call.images`.
     """
 
-    def __init__(self, adapter: Any, method: LLMMethod, handle: Any, *, language_model: nn.Module,
+    def __init__(self, adapter: Any, method: LLMMethod, scope: CallScope, *, language_model: nn.Module,
                  layers: list[nn.Module], rotary_emb: nn.Module, config: Any, vision_stage: bool) -> None:
         import inspect
 
-        from vlmdrop.stats import DropStats
-
-        self.adapter, self.handle, self.vision_stage = adapter, handle, vision_stage
+        self.adapter, self.scope, self.vision_stage = adapter, scope, vision_stage
         self.model: nn.Module = adapter.model
         self._signature = inspect.signature(self.model.forward)
         self.engine = LLMStageEngine(language_model=language_model, layers=layers, rotary_emb=rotary_emb,
-                                     config=config, method=method,
-                                     on_stats=lambda images: handle._set_stats(DropStats(images=images)))
+                                     config=config, method=method, scope=scope)
         self._handle = self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
     def remove(self) -> None:
@@ -469,6 +482,9 @@ class LLMStageSpans:
         mm = kw.get("mm_encoder_outputs") or {}
         if kw.get("pixel_values") is None and mm.get("image") is None:
             return None
+        call = self.scope.current
+        if call is None:
+            raise AssertionError("vlmdrop: a forward with images ran without its per-call state")
         changed = False
         if kw.get("pixel_values") is not None:
             enc = self.adapter.encode(kw)
@@ -491,7 +507,7 @@ class LLMStageSpans:
             spans.append(ImageSpan(sample=sample, positions=cols[offset:offset + n]))
             offset += n
         if self.vision_stage:
-            base = list(self.handle.stats.images)
+            base = list(call.images or [])
             if [s.n_kept for s in base] != counts:
                 raise AssertionError(f"vision stage kept {[s.n_kept for s in base]} rows, the input has {counts}")
         else:
