@@ -48,6 +48,8 @@ def recording_class(cls: type, arg: str) -> type:
 
     sig = inspect.signature(cls.get_image_features)
 
+    # `wraps` keeps the original signature visible: `generate` reads it to decide to pre-encode the images
+    @functools.wraps(cls.get_image_features)
     def get_image_features(self, *args, **kwargs):
         sink = self.__dict__.get("_vlmdrop_sink")
         if sink is None:

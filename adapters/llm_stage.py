@@ -455,7 +455,11 @@ class LLMStageSpans:
     one entry per image (InternVL: one per tile, or one re-packed entry after a vision stage) also
     supplies `image_rows(encoder_output, input_ids) -> rows per image`, in batch/prompt order.
 
-    A stacked vision stage hands its per-image stats over in the call's `Call.images`.
+    A stacked vision stage hands its per-image stats over in the call's `Call.images`.  A prefill that
+    keeps no cache and receives its images pre-encoded is what every step of `generate(use_cache=False)`
+    is (each step re-runs the prefill on the whole sequence, so the ranking would follow the newest
+    token, not the prompt): it is refused with a ValueError.  A plain `model(**inputs, use_cache=False)`
+    (images as `pixel_values`) is one prefill and runs.
     """
 
     def __init__(self, adapter: Any, method: LLMMethod, scope: CallScope, *, language_model: nn.Module,
@@ -463,6 +467,7 @@ class LLMStageSpans:
         import inspect
 
         self.adapter, self.scope, self.vision_stage = adapter, scope, vision_stage
+        self.method_name = method.config.name
         self.model: nn.Module = adapter.model
         self._signature = inspect.signature(self.model.forward)
         self.engine = LLMStageEngine(language_model=language_model, layers=layers, rotary_emb=rotary_emb,
@@ -485,6 +490,15 @@ class LLMStageSpans:
         call = self.scope.current
         if call is None:
             raise AssertionError("vlmdrop: a forward with images ran without its per-call state")
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if call.pre_encoded and call.use_cache is False and cache is None:
+            raise ValueError(
+                f"vlmdrop: {self.method_name!r} is an LLM-stage method and generate(use_cache=False) re-runs the "
+                "prefill at every step (on the prompt plus the tokens generated so far), so the image tokens "
+                "would be re-ranked by the newest token instead of the prompt's last token: call generate with "
+                "use_cache=True (the default).  (A forward given pre-encoded images, mm_encoder_outputs, with "
+                "use_cache=False is taken for such a step; a single model(**inputs, use_cache=False) with "
+                "pixel_values is fine.)")
         changed = False
         if kw.get("pixel_values") is not None:
             enc = self.adapter.encode(kw)
