@@ -8,11 +8,20 @@ text config, and — per prefill, from the adapter — where each image's tokens
 top-level call of its `CallScope`: everything one forward computes lives in that call's `Call`
 (`llm_spans`, then `llm`, a `_Forward`), never on the engine; decode state hangs off the cache.
 
-Per drop layer K (one for FastV, one per stage boundary for PyramidDrop):
+Per drop layer K (one for FastV, one per stage boundary for PyramidDrop), the scores are the last
+prompt token's attention row, mean over heads (`vlmdrop.ops.llm_scores`), the same under eager,
+sdpa and flash attention, taken by the method's `score_layer` rule:
 
-* scores — forward hooks on `q_proj` / `k_proj` of layer K−1's attention and a pre-hook on that
-  attention (for the `position_embeddings` it received) give the last prompt token's attention row,
-  mean over heads (`vlmdrop.ops.llm_scores`); the same under eager, sdpa and flash attention.
+* "previous" (FastV; `pdrop(score_layer="previous")`) — forward hooks on `q_proj` / `k_proj` of layer
+  K−1's attention and a pre-hook on that attention (for the `position_embeddings` it received): the
+  attention layer K−1 really computed, at no extra cost.
+* "current" (PyramidDrop's official rule, its default) — the pre-hook on layer K, before the drop,
+  applies layer K's own `input_layernorm`, `k_proj` (every row) and `q_proj` (the query rows only)
+  to layer K's full input, with the positions layers < K used; then layer K runs on the reduced
+  sequence, as in the official code.
+
+Then:
+
 * drop — a pre-hook on decoder layer K gathers the kept rows of `hidden_states`, re-pads rows of
   unequal length on the left, and hands layers ≥ K their own `attention_mask` (built by the
   installed transformers' `create_causal_mask`, sized against layer K's cache), `position_ids` and
@@ -118,7 +127,8 @@ class LLMStageEngine:
 
     Args:
         language_model: the decoder stack (called with `attention_mask`, `cache`, `inputs_embeds`).
-        layers: its decoder layers, in order; each has `self_attn` with `q_proj`, `k_proj`, `scaling`.
+        layers: its decoder layers, in order; each has `self_attn` with `q_proj`, `k_proj`, `scaling`
+            (and `input_layernorm` for the "current" score rule).
         rotary_emb: the module mapping `(x, position_ids)` to `(cos, sin)`.
         config: the text config (`num_attention_heads`, `num_key_value_heads`, `_attn_implementation`).
         method: the `LLMMethod`.
@@ -131,6 +141,7 @@ class LLMStageEngine:
         self.method, self.scope = method, scope
         self.num_layers = len(self.layers)
         self.drop_layers = method.drop_layers(self.num_layers)
+        self.score_rule = method.score_layer
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Decode
@@ -152,11 +163,16 @@ class LLMStageEngine:
         h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         h.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
         for k in self.drop_layers:
-            attn = getattr(self.layers[k - 1], "self_attn", None)
-            for proj in ("q_proj", "k_proj"):
-                if not isinstance(getattr(attn, proj, None), nn.Module):
-                    raise ValueError(f"decoder layer {k - 1} ({type(self.layers[k - 1]).__name__}) has no self_attn.{proj}; "
-                                     "vlmdrop scores LLM layers from their q_proj/k_proj outputs")
+            j = k - 1 if self.score_rule == "previous" else k  # the layer whose q/k score the drop at k
+            attn = getattr(self.layers[j], "self_attn", None)
+            needs = ["self_attn.q_proj", "self_attn.k_proj"] + (["input_layernorm"] if j == k else [])
+            for name in needs:
+                owner = self.layers[j] if name == "input_layernorm" else attn
+                if not isinstance(getattr(owner, name.split(".")[-1], None), nn.Module):
+                    raise ValueError(f"decoder layer {j} ({type(self.layers[j]).__name__}) has no {name}; vlmdrop "
+                                     f"scores LLM layers from their q_proj/k_proj (score_layer={self.score_rule!r})")
+            if j == k:
+                continue  # scored in layer k's pre-hook
             h.append(attn.register_forward_pre_hook(self._attn_pre(k), with_kwargs=True))
             h.append(attn.q_proj.register_forward_hook(self._q_hook(k)))
             h.append(attn.k_proj.register_forward_hook(self._k_hook(k, attn)))
@@ -294,17 +310,45 @@ class LLMStageEngine:
             if fwd is None or fwd.mode != "prefill" or k not in fwd.q:
                 return
             q = fwd.q.pop(k)
-            key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
-            last = self._last_index(key_mask)  # (B,)
-            causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
             cos, sin = fwd.pos_emb.pop(k)
-            fwd.scores[k] = last_token_attention(
-                q, out.detach(), cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
-                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=float(attn.scaling),
-                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))  # (B, L_prev)
+            fwd.scores[k] = self._scores(fwd, attn, q, out.detach(), cos, sin)  # (B, L_prev)
 
         return hook
 
+    def _scores(self, fwd: _Forward, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """(B, L_prev) the last prompt token's attention over the sequence layers < K see, from an
+        attention module's queries (B, L_prev, H*D) or query rows (B, H*D) and keys (B, L_prev, Hkv*D)."""
+        key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
+        key_mask = key_mask.to(k.device)
+        last = self._last_index(key_mask)  # (B,)
+        causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
+        return last_token_attention(
+            q, k, cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=float(attn.scaling),
+            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
+
+    def _score_current(self, fwd: _Forward, k: int, args: tuple, kwargs: dict) -> None:
+        """PyramidDrop's official rule: layer k's own q/k on its (not yet reduced) input."""
+        layer = self.layers[k]
+        attn = layer.self_attn
+        hidden = _hidden_from(args, kwargs)  # (B, L_prev, D)
+        prev = self._stage_of(fwd, k - 1)
+        if prev >= 0:  # the positions layers < k ran with (their stage's)
+            emb = fwd.layer_kwargs[prev][2]
+        else:
+            emb = kwargs.get("position_embeddings")
+        if emb is None:
+            raise ValueError(f"decoder layer {k} received no position_embeddings; vlmdrop supports RoPE "
+                             "decoders that pass (cos, sin) to every layer")
+        key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
+        last = self._last_index(key_mask).to(hidden.device)  # (B,)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        normed = layer.input_layernorm(hidden)  # (B, L_prev, D)
+        keys = attn.k_proj(normed).detach()  # (B, L_prev, Hkv*Dh)
+        query = attn.q_proj(normed[rows, last]).detach()  # (B, H*Dh): only the query rows
+        cos, sin = emb
+        fwd.scores[k] = self._scores(fwd, attn, query, keys, cos, sin)  # (B, L_prev)
 
     # ------------------------------------------------------------ the drops
     def _layer_pre(self, i: int):
@@ -313,6 +357,8 @@ class LLMStageEngine:
             if fwd is None:
                 return None
             if fwd.mode == "prefill" and i in self.drop_layers:
+                if self.score_rule == "current":
+                    self._score_current(fwd, i, args, kwargs)
                 args, kwargs = self._drop(fwd, i, args, kwargs)
             stage = self._stage_of(fwd, i)
             if stage < 0:
@@ -348,7 +394,7 @@ class LLMStageEngine:
         alive = prev.where.to(device) >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
         alive = alive.clone()  # (B, L) prefill positions still in the sequence
         if scores is None:
-            raise AssertionError(f"no scores were captured in layer {k - 1} for the drop at layer {k}")
+            raise AssertionError(f"no scores were captured for the drop at layer {k} (score_layer={self.score_rule!r})")
         where_prev = prev.where.to(device) if prev is not None else torch.arange(length, device=device).expand(b, length)
         changed = False
         for im in fwd.images:
