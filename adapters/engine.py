@@ -72,7 +72,9 @@ class CallScope:
     which publishes the call's stats to `handle.stats` when it returned.
 
     A new call always starts from a fresh `Call`, even if an earlier one in the thread was cut short
-    by an exception torch does not route to forward hooks (KeyboardInterrupt).
+    by an exception torch does not route to forward hooks (KeyboardInterrupt).  One call at a time per
+    thread: a top-level forward of the same model nested inside another in one thread (nothing in
+    transformers does that) would replace the outer call's state.
     """
 
     def __init__(self, model: nn.Module, handle: Any) -> None:
