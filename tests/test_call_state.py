@@ -174,3 +174,26 @@ def test_two_threads_with_overlapping_prefills(family, method):
             raise errors[0]
         assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1])
         assert _stats(h) in alone_stats  # the last completed prefill's stats, never a mix of the two
+
+
+# ------------------------------------------------------------------ generate's k-fold expansion
+@pytest.mark.parametrize("family", ["llava_next", "internvl"])
+def test_beam_expansion_keeps_each_images_description(family):
+    """`generate(num_beams=2)` encodes once and repeats each sample's images (InternVL: its tiles, in a new
+    tensor): every copy is described as the image it repeats, so budget 1.0 is the unpatched beam search
+    (scores included) and a smaller budget keeps, in every copy, the tokens the image keeps alone."""
+    model, proc = model_of(family)
+    x = _inputs(family, proc, SIZES_A, 0)  # multi-tile / multi-crop images of different sizes
+    beams = dict(max_new_tokens=3, num_beams=2, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(**x, **beams)
+        with vlmdrop.dropping(model, "hired", budget=1.0):
+            out = model.generate(**x, **beams)
+        with vlmdrop.dropping(model, "hired", budget=0.3) as h:
+            model(**x)
+            alone = [s.kept_indices.tolist() for s in h.stats.images]
+            model.generate(**x, **beams)
+            copies = [s.kept_indices.tolist() for s in h.stats.images]
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=1e-5)
+    assert copies == [k for k in alone for _ in range(2)]
