@@ -4,9 +4,10 @@ that reports `get_image_features` calls, and mapping new rows through the model'
 A subclass sets, in `__init__`: `base` (the inner `*Model`), `layers` (ViT layers), `num_heads`,
 `scale`, `feature_layer`, and the class attributes below; and implements `_on_encoded(out, arg)`,
 called with each `get_image_features` output and its `recorded_arg` argument, while the call's
-captures are still open.  `_on_encoded` attaches what it learns to the output's feature tensors
-(`ENCODED_ATTR`), so the description travels with the features to the forward that consumes them —
-whichever thread or call that is — and nothing about an encode is kept on the adapter.
+captures are still open.  `_on_encoded` attaches what it learns to the output (`ENCODED_ATTR`, on
+its per-image feature tensors or on the output object), so the description travels with the features
+to the forward that consumes them — whichever thread or call that is — and nothing about an encode
+is kept on the adapter.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
     return vision_feature_layer - 1
 
 
-#: attribute set on the feature tensors of a `get_image_features` output run while a method is applied
+#: attribute set on a `get_image_features` output (or its feature tensors) run while a method is applied
 ENCODED_ATTR = "_vlmdrop_encoded"
 
 
