@@ -29,7 +29,7 @@ from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
 from .base import register_adapter
-from .hf_vlm import HFVlmAdapter, feature_layer_index
+from .hf_vlm import ENCODED_ATTR, HFVlmAdapter, feature_layer_index
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 
@@ -69,7 +69,6 @@ class LlavaAdapter(HFVlmAdapter):
         self.image_token_id = self.config.image_token_id
         pad = getattr(self.config.text_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
-        self._described: dict[int, tuple[torch.Tensor, ImageTokens]] = {}
         self.capture: ClsRowCapture | None = None
         self.features: FeatureCapture | None = None
 
@@ -83,7 +82,8 @@ class LlavaAdapter(HFVlmAdapter):
         return self.base.get_image_features(**args)
 
     def _on_encoded(self, out: Any, image_sizes: Any) -> None:
-        """Describe every image of a `get_image_features` call while its inputs are known."""
+        """Describe every image of a `get_image_features` call while its inputs are known; the
+        `ImageTokens` is attached to the image's feature tensor (`ENCODED_ATTR`)."""
         rows = self.capture.take() if self.capture is not None else {}
         keys, hidden = self.features.take() if self.features is not None else (None, None)
         feats = list(out.pooler_output)
@@ -104,7 +104,6 @@ class LlavaAdapter(HFVlmAdapter):
         for name, t in (("keys", keys), ("projector input", hidden)):
             if t is not None and t.shape[0] != total:
                 raise AssertionError(f"captured {name} for {t.shape[0]} crops, images have {total}")
-        self._described = {}
         start = 0
         for i, (feat, size, n) in enumerate(zip(feats, sizes, n_crops)):
             cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
@@ -119,18 +118,17 @@ class LlavaAdapter(HFVlmAdapter):
                 im.vit_keys = keys[start:start + n, 1:]  # (n, h*w, Dh) CLS row dropped
             if hidden is not None:
                 im.vit_hidden = hidden[start:start + n]  # (n, h*w, C) the projector's input (CLS already removed)
-            self._described[id(feat)] = (feat, im)
+            setattr(feat, ENCODED_ATTR, im)
             start += n
 
     def describe(self, enc: Any) -> list[ImageTokens]:
         """One `ImageTokens` per pooler_output entry (entries repeated by `generate` share one)."""
         images = []
         for feat in enc.pooler_output:
-            entry = self._described.get(id(feat))
-            if entry is None or entry[0] is not feat:
+            im = getattr(feat, ENCODED_ATTR, None)
+            if im is None:
                 raise ValueError("these image features were not encoded while vlmdrop was applied "
                                  "(pass pixel_values, or call generate, with the method applied)")
-            im = entry[1]
             images.append(ImageTokens(n_before=im.n_before, crop_of=im.crop_of, local_index=im.local_index,
                                       crop_hw=im.crop_hw, n_crops=im.n_crops, cls_attn=im.cls_attn,
                                       base_region=im.base_region, grid_hw=im.grid_hw,

@@ -57,6 +57,7 @@ def _n_keep(method, params):
 @pytest.mark.parametrize("method,params,positions", [
     ("fastv", {"layer": 2, "keep": 0.25}, "original"),
     ("pdrop", {"layers": (1, 3), "ratio": 0.5}, "compact"),
+    ("pdrop", {"layers": (1, 3), "ratio": 0.5, "score_layer": "previous"}, "original"),
 ])
 def test_forward_and_generate_equal_masking_reference(method, params, positions):
     """Per image (not per tile) budgets; each sample keeps its own top tokens, as the reference ranks them."""
@@ -71,7 +72,8 @@ def test_forward_and_generate_equal_masking_reference(method, params, positions)
             gen = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
         counts = [s.n_before for s in h.stats.images]
         assert counts == [n * PER_TILE for n in TILES]
-        ref, kept = reference_drop(ref_model, inputs, counts, layers, n_keep, positions)
+        score = params.get("score_layer", "current") if method == "pdrop" else "previous"
+        ref, kept = reference_drop(ref_model, inputs, counts, layers, n_keep, positions, score=score)
         assert [s.kept_indices.tolist() for s in h.stats.images] == [k.tolist() for k in kept]
         with ref:
             ref_out = ref_model(**inputs).logits

@@ -1,9 +1,11 @@
 """LLM prefill-stage dropping (FastV, PyramidDrop) on the real transformers classes.
 
 The reference is written here, independently of the engine: the unmodified eager model, whose
-attention weights of layer K−1 rank the image tokens (last prompt token's row, mean over heads), and
-where the tokens dropped at layer K are masked out as keys of every layer ≥ K (positions unchanged,
-or renumbered for "compact") — no shortened sequence, no hooks of the library.
+attention weights of layer K−1 (FastV, `pdrop(score_layer="previous")`) or of layer K itself with
+the earlier drops only (PyramidDrop's official rule: layer K's q/k on its un-reduced input) rank the
+image tokens (last prompt token's row, mean over heads), and where the tokens dropped at layer K are
+masked out as keys of every layer ≥ K (positions unchanged, or renumbered for "compact") — no
+shortened sequence, no hooks of the library.
 """
 
 import pytest
@@ -102,8 +104,10 @@ def lm_input_ids(model, inputs):
     return seen["ids"]
 
 
-def reference_drop(model, inputs, counts, drop_layers, n_keep, positions="original"):
-    """Run the reference selection stage by stage; returns (MaskReference, kept indices per image)."""
+def reference_drop(model, inputs, counts, drop_layers, n_keep, positions="original", score="previous"):
+    """Run the reference selection stage by stage; returns (MaskReference, kept indices per image).
+    `score`: "previous" ranks the drop at K by layer K−1's attention weights, "current" by layer K's
+    (in the pass where only the earlier stages' drops are masked, i.e. layer K on its un-reduced input)."""
     ids = lm_input_ids(model, inputs)
     rows, cols = (ids == model.config.image_token_id).nonzero(as_tuple=True)
     images, off = [], 0
@@ -117,7 +121,8 @@ def reference_drop(model, inputs, counts, drop_layers, n_keep, positions="origin
         def grab(module, args, out):
             cap.setdefault("w", out[1])
 
-        h = model.model.language_model.layers[k - 1].self_attn.register_forward_hook(grab)
+        scorer = k - 1 if score == "previous" else k
+        h = model.model.language_model.layers[scorer].self_attn.register_forward_hook(grab)
         try:
             with torch.no_grad(), ref:
                 model(**inputs)
@@ -166,12 +171,15 @@ def test_keep_everything_is_identity(kind, method, params):
     ("fastv", {"layer": 1, "keep": 5}, "compact"),
     ("pdrop", {"layers": (1, 2, 3), "ratio": 0.5}, "original"),
     ("pdrop", {"layers": (2, 3), "ratio": (0.6, 0.5)}, "compact"),
+    ("pdrop", {"layers": (1, 2, 3), "ratio": 0.5, "score_layer": "previous"}, "original"),
+    ("pdrop", {"layers": (2, 3), "ratio": (0.6, 0.5), "score_layer": "previous"}, "compact"),
 ])
 def test_forward_and_generate_equal_masking_reference(kind, method, params, positions):
     model, proc = model_of(kind)
     ref_model, _ = model_of(kind, "eager")
     inputs = batch(proc, MIXED)
     n_new = 4
+    score = params.get("score_layer", "current") if method == "pdrop" else "previous"
     with torch.no_grad():
         with vlmdrop.dropping(model, method, positions=positions, **params) as h:
             out = model(**inputs).logits
@@ -190,7 +198,7 @@ def test_forward_and_generate_equal_masking_reference(kind, method, params, posi
                     return min(n_present, max(1, round(n_before * frac)))
             else:
                 n_keep = _keep_pdrop(ratio)
-        ref, kept = reference_drop(ref_model, inputs, counts, layers, n_keep, positions)
+        ref, kept = reference_drop(ref_model, inputs, counts, layers, n_keep, positions, score=score)
         assert [s.kept_indices.tolist() for s in h.stats.images] == [k.tolist() for k in kept]
         with ref:
             ref_out = ref_model(**inputs).logits
@@ -359,6 +367,10 @@ def test_remove_restores_model_exactly(method, params):
     ("pdrop", {"layers": (2, 1)}, r"strictly increasing"),
     ("pdrop", {"layers": (1, 2), "ratio": (0.5,)}, r"ratio=\(0\.5,\) has 1 values but layers"),
     ("pdrop", {"layers": (1, 2), "ratio": 1.5}, r"ratio=1\.5"),
+    ("pdrop", {"layers": (1, 2), "ratio": 10**400}, r"every ratio must be a number in \(0, 1\]"),
+    ("pdrop", {"layers": (1, 2), "score_layer": "next"}, r"score_layer='next' is not valid; choose one of: current, previous"),
+    ("pdrop", {"layers": (1, 4)}, r"layers=4 is out of range .* 4 decoder layers \(valid: 1\.\.3\)"),
+    ("pdrop", {"layers": (1, 4), "score_layer": "previous"}, r"layers=4 is out of range .* layer K is scored by layer K-1"),
     (["hired", "random"], {}, r"all vision-stage methods"),
     (["fastv", "pdrop"], {}, r"all llm-stage methods"),
     (["hired", "fastv"], {"budget": 0.2}, r"unexpected keyword\(s\) \['budget'\]"),

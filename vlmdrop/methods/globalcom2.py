@@ -19,6 +19,7 @@ keeps its top tokens by the score.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,8 @@ class GlobalCom2Config(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t != t or t == float("inf"):
-            raise ValueError(f"temperature={t!r} must be a finite number > 0")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf") or t > sys.float_info.max:
+            raise ValueError(f"temperature={t!r} must be a finite number > 0")  # (an int beyond float range too)
         if isinstance(self.score_layer, bool) or not isinstance(self.score_layer, int):
             raise ValueError(f"score_layer={self.score_layer!r} must be an int layer index")
 
