@@ -1,17 +1,24 @@
-"""Vision-stage dropping inside `forward` / `generate` with one pre-hook and one post-hook.
+"""Vision-stage dropping inside `forward` / `generate` with one pre-hook and one post-hook, and the
+per-call state every stage of a patched model shares (`Call`, `CallScope`).
 
 At prefill (a forward that carries images) the pre-hook takes the visual rows the model is about to
 scatter into the placeholders, asks the method which rows to keep, and compacts everything that has
 the sequence length — `input_ids` (placeholders), `attention_mask`, `position_ids`, `labels` —
 re-padding the batch on the left.  At each later decode step on the same cache it rewrites the
 caller's full-length mask and positions to match the shorter cache.  No class of transformers is
-touched; the per-forward state lives in `_PrefillState`, keyed by the cache object.
+touched.
+
+State: what one forward computes lives in a `Call`, created by `CallScope`'s first pre-hook for that
+forward in the calling thread and dropped by its always-called forward hook (also when the forward
+raises), so a failed call leaves nothing behind and two threads' calls never share anything.  What a
+decode step needs from its prefill hangs off the cache object (`_PrefillState`, a weak-key map).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +43,67 @@ class _PrefillState:
     mask_needed: bool  # the compaction introduced padding, so a mask must always be passed
 
 
+@dataclass
+class Call:
+    """What one top-level forward of the patched model computes; never shared between calls.
+
+    Attributes:
+        pre_encoded: the caller passed the images already encoded (`mm_encoder_outputs`, as `generate`
+            does) rather than `pixel_values`.
+        use_cache: the caller's `use_cache` argument (None when not given).
+        prefill: the vision stage's compaction of this prefill (keyed to the returned cache at the end).
+        images: per-image stats of this prefill, from the last stage that ran; published to
+            `handle.stats` when the call returns.
+        llm_spans: the LLM stage's (image spans, base stats) for the language model's prefill.
+        llm: the LLM stage's running language-model forward (`llm_stage._Forward`).
+    """
+
+    pre_encoded: bool = False
+    use_cache: bool | None = None
+    prefill: _PrefillState | None = None
+    images: list[ImageStats] | None = None
+    llm_spans: Any = None
+    llm: Any = None
+
+
+class CallScope:
+    """One `Call` per top-level forward and thread: made by a pre-hook that runs before every other
+    pre-hook of the model, dropped by an `always_call` forward hook (so also when the forward raises),
+    which publishes the call's stats to `handle.stats` when it returned.
+
+    A new call always starts from a fresh `Call`, even if an earlier one in the thread was cut short
+    by an exception torch does not route to forward hooks (KeyboardInterrupt).  One call at a time per
+    thread: a top-level forward of the same model nested inside another in one thread (nothing in
+    transformers does that) would replace the outer call's state.
+    """
+
+    def __init__(self, model: nn.Module, handle: Any) -> None:
+        self.handle = handle
+        self._local = threading.local()
+        self._handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True),
+                         model.register_forward_hook(self._end, always_call=True)]
+
+    @property
+    def current(self) -> Call | None:
+        """The calling thread's running top-level call, or None outside one."""
+        return getattr(self._local, "call", None)
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        self._local.call = Call(pre_encoded=mm.get("image") is not None, use_cache=kwargs.get("use_cache"))
+
+    def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        call, self._local.call = self.current, None
+        if call is not None and output is not None and call.images is not None:
+            self.handle._set_stats(DropStats(images=call.images))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._local = threading.local()
+
+
 class VisionDropEngine:
     """Runs one vision-stage method on a model through its adapter.
 
@@ -46,19 +114,22 @@ class VisionDropEngine:
     (InternVL: one per tile) supplies `split(encoder_output, input_ids) -> (per-image rows, ImageTokens)`
     instead of `describe`.  For methods that make new rows
     (`Selection.new_rows`) it also supplies `project(rows) -> LLM-space rows`.
+
+    Per-forward state goes in `scope.current` (a `Call`); the only state kept here is the weak
+    cache -> `_PrefillState` map that decode steps read.
     """
 
-    def __init__(self, adapter: Any, method: VisionMethod, handle: Any) -> None:
+    def __init__(self, adapter: Any, method: VisionMethod, scope: CallScope) -> None:
         self.adapter = adapter
         self.method = method
-        self.handle = handle
+        self.scope = scope
         self.model: nn.Module = adapter.model
         self._signature = inspect.signature(self.model.forward)
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._pending: _PrefillState | None = None
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _PrefillState
         self._handles = [
             self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            self.model.register_forward_hook(self._post_hook, with_kwargs=True),
+            # prepended: runs before the scope's always-called hook drops the call
+            self.model.register_forward_hook(self._post_hook, with_kwargs=True, prepend=True),
         ]
 
     def remove(self) -> None:
@@ -66,7 +137,6 @@ class VisionDropEngine:
             h.remove()
         self._handles.clear()
         self._states = weakref.WeakKeyDictionary()
-        self._pending = None
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -75,10 +145,12 @@ class VisionDropEngine:
         extra = kw.pop("kwargs", None)
         if isinstance(extra, dict):
             kw.update(extra)
-        self._pending = None
         mm = kw.get("mm_encoder_outputs") or {}
         if kw.get("pixel_values") is not None or mm.get("image") is not None:
-            return (), self._prefill(kw)
+            call = self.scope.current
+            if call is None:
+                raise AssertionError("vlmdrop: a forward with images ran without its per-call state")
+            return (), self._prefill(kw, call)
         cache = kw.get("cache")
         if cache is not None:
             try:
@@ -90,17 +162,17 @@ class VisionDropEngine:
         return args, kwargs
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._pending is None:
+        call = self.scope.current
+        if call is None or call.prefill is None:
             return
         cache = getattr(output, "cache", None)
         if cache is None and isinstance(output, dict):
             cache = output.get("past_key_values")
         if cache is not None:
-            self._states[cache] = self._pending
-        self._pending = None
+            self._states[cache] = call.prefill
 
     # ---------------------------------------------------------------- prefill
-    def _prefill(self, kw: dict) -> dict:
+    def _prefill(self, kw: dict, call: Call) -> dict:
         input_ids = kw.get("input_ids")
         if input_ids is None:
             raise ValueError("vlmdrop needs input_ids (with image placeholders) when images are passed; "
@@ -148,7 +220,7 @@ class VisionDropEngine:
                                     crop_kept=list(sel.crop_kept), method=self.method.config.name,
                                     n_new=sel.n_new, new_groups=groups))
             offset += image.n_before
-        self.handle._set_stats(DropStats(images=stats))
+        call.images = stats
         kw["mm_encoder_outputs"] = {**kw["mm_encoder_outputs"], "image": self.adapter.with_features(enc, new_feats)}
         if bool(keep_ph.all()):
             return kw  # nothing removed: the sequence is untouched
@@ -173,7 +245,7 @@ class VisionDropEngine:
         kw["position_ids"] = compact_positions(pos, plan)
         if kw.get("labels") is not None:
             kw["labels"] = gather_rows(kw["labels"], plan, fill=-100)
-        self._pending = _PrefillState(orig_len=l_orig, new_len=plan.length, prefix_mask=new_mask,
+        call.prefill = _PrefillState(orig_len=l_orig, new_len=plan.length, prefix_mask=new_mask,
                                       removed=plan.removed, mask_needed=mask_needed)
         return kw
 

@@ -3,7 +3,11 @@ that reports `get_image_features` calls, and mapping new rows through the model'
 
 A subclass sets, in `__init__`: `base` (the inner `*Model`), `layers` (ViT layers), `num_heads`,
 `scale`, `feature_layer`, and the class attributes below; and implements `_on_encoded(out, arg)`,
-called with each `get_image_features` output and its `recorded_arg` argument.
+called with each `get_image_features` output and its `recorded_arg` argument, while the call's
+captures are still open.  `_on_encoded` attaches what it learns to the output (`ENCODED_ATTR`, on
+its per-image feature tensors or on the output object), so the description travels with the features
+to the forward that consumes them — whichever thread or call that is — and nothing about an encode
+is kept on the adapter.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 from vlmdrop.interface import LLMMethod, VisionMethod
 
 from .base import Adapter
-from .engine import VisionDropEngine
+from .engine import CallScope, VisionDropEngine
 from .llm_stage import LLMStageSpans
 from .vision_capture import ClsRowCapture, FeatureCapture
 
@@ -34,18 +38,25 @@ def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
     return vision_feature_layer - 1
 
 
+#: attribute set on a `get_image_features` output (or its feature tensors) run while a method is applied
+ENCODED_ATTR = "_vlmdrop_encoded"
+
+
 @functools.cache
 def recording_class(cls: type, arg: str) -> type:
-    """A subclass of `cls` whose `get_image_features` reports `(output, <arg>)` to the instance's sink."""
+    """A subclass of `cls` whose `get_image_features` is run by the instance's sink as
+    `sink(run, <arg>)`, `run()` being the original call (so the sink can bracket it)."""
 
     sig = inspect.signature(cls.get_image_features)
 
+    # `wraps` keeps the original signature visible: `generate` reads it to decide to pre-encode the images
+    @functools.wraps(cls.get_image_features)
     def get_image_features(self, *args, **kwargs):
-        out = super(sub, self).get_image_features(*args, **kwargs)
         sink = self.__dict__.get("_vlmdrop_sink")
-        if sink is not None:
-            sink(out, sig.bind_partial(self, *args, **kwargs).arguments.get(arg))
-        return out
+        if sink is None:
+            return super(sub, self).get_image_features(*args, **kwargs)
+        return sink(lambda: super(sub, self).get_image_features(*args, **kwargs),
+                    sig.bind_partial(self, *args, **kwargs).arguments.get(arg))
 
     sub = type(cls.__name__, (cls,), {"get_image_features": get_image_features, "__module__": cls.__module__,
                                       "__qualname__": cls.__qualname__, "_vlmdrop_original": cls})
@@ -101,6 +112,8 @@ class HFVlmAdapter(Adapter):
         llm = method if isinstance(method, LLMMethod) else llm
         inst = Install()
         try:
+            scope = CallScope(self.model, handle)  # its pre-hook runs first, its always-called hook last
+            inst.parts.append(scope)
             if vision is not None:
                 q_name, k_name = self.qk_names
                 roles = vision.vit_layers(len(self.layers), self.feature_layer)
@@ -118,11 +131,11 @@ class HFVlmAdapter(Adapter):
                         num_heads=self.num_heads)
                     inst.parts.append(self.features)
                 inst.parts.append(ClassSwap(self.base, recording_class(type(self.base), self.recorded_arg),
-                                            self._on_encoded))
-                inst.parts.append(VisionDropEngine(self, vision, handle))
+                                            self._encode_call))
+                inst.parts.append(VisionDropEngine(self, vision, scope))
             if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
                 lm = self.base.language_model
-                inst.parts.append(LLMStageSpans(self, llm, handle, language_model=lm, layers=list(lm.layers),
+                inst.parts.append(LLMStageSpans(self, llm, scope, language_model=lm, layers=list(lm.layers),
                                                 rotary_emb=lm.rotary_emb, config=lm.config,
                                                 vision_stage=vision is not None))
         except BaseException:
@@ -130,15 +143,23 @@ class HFVlmAdapter(Adapter):
             raise
         return inst
 
+    def _encode_call(self, run: Any, arg: Any) -> Any:
+        """Run one `get_image_features` call with this thread's captures open, describe its output."""
+        captures = [c for c in (self.capture, self.features) if c is not None]
+        for c in captures:
+            c.begin()
+        try:
+            out = run()
+            self._on_encoded(out, arg)
+            return out
+        finally:
+            for c in captures:
+                c.end()
+
     def _on_encoded(self, out: Any, arg: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, C) projector-input rows -> (n, D) LLM-space rows through the model's own projector."""
-        if self.features is not None:
-            self.features.paused = True
-        try:
-            return self.base.multi_modal_projector(rows)
-        finally:
-            if self.features is not None:
-                self.features.paused = False
+        """(n, C) projector-input rows -> (n, D) LLM-space rows through the model's own projector
+        (outside any encode, so the captures record nothing)."""
+        return self.base.multi_modal_projector(rows)

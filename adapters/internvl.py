@@ -41,7 +41,7 @@ from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map
 
 from .base import register_adapter
-from .hf_vlm import HFVlmAdapter, feature_layer_index
+from .hf_vlm import ENCODED_ATTR, HFVlmAdapter, feature_layer_index
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 logger = logging.getLogger("vlmdrop")
@@ -113,9 +113,6 @@ class InternVLAdapter(HFVlmAdapter):
         self.pad_token_id = pad if pad is not None else 0
         self.capture: ClsRowCapture | None = None
         self.features: FeatureCapture | None = None
-        # (features, pixel_values, pooled CLS rows, keys (T, N', Dh) | None, hidden (T, N', 4C) | None)
-        self._encoded: tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor],
-                             torch.Tensor | None, torch.Tensor | None] | None = None
 
     def _shuffle_map(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Source patches of each post-shuffle token (in feature order), its raster index on the
@@ -141,8 +138,11 @@ class InternVLAdapter(HFVlmAdapter):
                                             return_dict=True)
 
     def _on_encoded(self, out: Any, pixel_values: torch.Tensor | None) -> None:
-        """Keep the tiles' pooled CLS rows, pixels and (for new rows) pooled keys and post-shuffle
-        features until the forward that consumes these features."""
+        """Attach the tiles' pixels, pooled CLS rows and (for new rows) pooled keys and post-shuffle
+        features to the encoder output (`ENCODED_ATTR`), for the forward that consumes them:
+        (T, pixel_values, pooled CLS rows, keys (T, N', Dh) | None, hidden (T, N', 4C) | None).  On the
+        output object, not on its (T, N', D) tensor: `generate(num_beams=k)` / `num_return_sequences`
+        replace that tensor, in place on the object, by each sample's tiles repeated k times."""
         rows = self.capture.take() if self.capture is not None else {}
         keys, hidden = self.features.take() if self.features is not None else (None, None)
         feats = out.pooler_output  # (T, N', D)
@@ -162,7 +162,7 @@ class InternVLAdapter(HFVlmAdapter):
                 raise AssertionError(f"projector input has {hidden.shape[1]} tokens per tile, "
                                      f"expected {self.tokens_per_tile}")
             hidden = self._to_raster(hidden)  # (T, N', 4C) post-shuffle raster order
-        self._encoded = (feats, pixel_values, pooled, keys, hidden)
+        setattr(out, ENCODED_ATTR, (n_tiles, pixel_values, pooled, keys, hidden))
 
     def _pool(self, rows: torch.Tensor) -> torch.Tensor:
         """(T, H, h*w) patch scores -> (T, H, N') post-shuffle scores in raster order (sum of sources)."""
@@ -188,14 +188,21 @@ class InternVLAdapter(HFVlmAdapter):
     def split(self, enc: Any, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[ImageTokens]]:
         """Per-image visual rows and `ImageTokens`, grouping tiles by the placeholder runs of `input_ids`."""
         feats = enc.pooler_output
-        if self._encoded is None or self._encoded[0] is not feats:
+        encoded = getattr(enc, ENCODED_ATTR, None)
+        if encoded is None:
             raise ValueError("these image features were not encoded while vlmdrop was applied "
                              "(pass pixel_values, or call generate, with the method applied)")
-        _, pixels, pooled, keys, hidden = self._encoded
+        n_encoded, pixels, pooled, keys, hidden = encoded
         counts = self._tiles_per_image(input_ids)
         if sum(counts) != feats.shape[0]:
             raise ValueError(f"the placeholders describe {sum(counts)} tiles ({counts} per image) but "
                              f"pixel_values hold {feats.shape[0]} tiles")
+        if feats.shape[0] != n_encoded:  # expanded by generate: map each tile back to the encoded one
+            src = self._expanded_tiles(input_ids, n_encoded)  # (T',) indices into the encoded tiles
+            pixels = pixels[src.to(pixels.device)] if pixels is not None else None
+            pooled = {r: p[src.to(p.device)] for r, p in pooled.items()}
+            keys = keys[src.to(keys.device)] if keys is not None else None
+            hidden = hidden[src.to(hidden.device)] if hidden is not None else None
         out_feats, images, start = [], [], 0
         for n in counts:
             out_feats.append(feats[start:start + n].reshape(n * self.tokens_per_tile, feats.shape[-1]))  # (n*N', D)
@@ -212,6 +219,28 @@ class InternVLAdapter(HFVlmAdapter):
             images.append(im)
             start += n
         return out_feats, images
+
+    def _expanded_tiles(self, input_ids: torch.Tensor, n_encoded: int) -> torch.Tensor:
+        """(T',) encoded tile of each tile after `generate` expanded a batch k-fold: rows repeated
+        (row b comes from row b // k) and each row's tiles repeated as a group ([A, B] -> [A, B, A, B],
+        `GenerationMixin._expand_multimodal_outputs`), k = T' / T."""
+        per_row = []
+        for row in input_ids:  # tiles of each row, from its placeholder runs
+            per_row.append(sum(self._tiles_per_image(row[None])))
+        n_now = sum(per_row)
+        if n_encoded == 0 or n_now % n_encoded or len(per_row) % (n_now // n_encoded):
+            raise ValueError(f"the input holds {n_now} tiles in {len(per_row)} rows but {n_encoded} tiles were "
+                             "encoded; vlmdrop follows only generate's k-fold expansion (num_beams, "
+                             "num_return_sequences)")
+        k = n_now // n_encoded
+        src, start = [], 0
+        for b in range(0, len(per_row), k):  # one encoded row, now k equal rows
+            if len(set(per_row[b:b + k])) != 1:
+                raise ValueError(f"rows {b}..{b + k - 1} should be copies of one row but hold {per_row[b:b + k]} tiles")
+            group = torch.arange(start, start + per_row[b])
+            src.extend([group] * k)
+            start += per_row[b]
+        return torch.cat(src) if src else torch.zeros(0, dtype=torch.long)
 
     def _placeholder_runs(self, input_ids: torch.Tensor) -> list[int]:
         """Length of each image's run of placeholders (`<img>…</img>`), in batch/prompt order."""

@@ -7,7 +7,11 @@ Where things are taken:
   pre-projector features (a pre-hook on `multi_modal_projector`) are captured (`FeatureCapture`);
   merged rows are mapped to the LLM's space by the model's own projector (`project`).
 * Layout: the model's own `pack_image_features` run on index tensors, so the position → (crop,
-  patch) map is exactly the unpadding the installed transformers performs.
+  patch) map is exactly the unpadding the installed transformers performs.  At extreme aspect
+  ratios (20×2000 px on llava-v1.6) unpadding leaves the sub-image grid no position at all; the
+  image is then the base image (plus one bare newline per grid row for a tall picture), the
+  sub-images get a zero share and the base image carries the whole budget
+  (`vlmdrop.ops.anyres`).  Any error in describing an image names its index and `image_sizes`.
 * `image_sizes`: `generate` encodes images before the first forward and then drops `image_sizes`,
   so the base model's class is swapped, on this instance only, for a subclass whose
   `get_image_features` describes each image as it is encoded (the original class is restored by
@@ -25,7 +29,7 @@ from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
 from .base import register_adapter
-from .hf_vlm import HFVlmAdapter, feature_layer_index
+from .hf_vlm import ENCODED_ATTR, HFVlmAdapter, feature_layer_index
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 
@@ -65,7 +69,6 @@ class LlavaAdapter(HFVlmAdapter):
         self.image_token_id = self.config.image_token_id
         pad = getattr(self.config.text_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
-        self._described: dict[int, tuple[torch.Tensor, ImageTokens]] = {}
         self.capture: ClsRowCapture | None = None
         self.features: FeatureCapture | None = None
 
@@ -79,7 +82,8 @@ class LlavaAdapter(HFVlmAdapter):
         return self.base.get_image_features(**args)
 
     def _on_encoded(self, out: Any, image_sizes: Any) -> None:
-        """Describe every image of a `get_image_features` call while its inputs are known."""
+        """Describe every image of a `get_image_features` call while its inputs are known; the
+        `ImageTokens` is attached to the image's feature tensor (`ENCODED_ATTR`)."""
         rows = self.capture.take() if self.capture is not None else {}
         keys, hidden = self.features.take() if self.features is not None else (None, None)
         feats = list(out.pooler_output)
@@ -100,27 +104,31 @@ class LlavaAdapter(HFVlmAdapter):
         for name, t in (("keys", keys), ("projector input", hidden)):
             if t is not None and t.shape[0] != total:
                 raise AssertionError(f"captured {name} for {t.shape[0]} crops, images have {total}")
-        self._described = {}
         start = 0
-        for feat, size, n in zip(feats, sizes, n_crops):
+        for i, (feat, size, n) in enumerate(zip(feats, sizes, n_crops)):
             cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
-            im = self._layout(feat, n, size, cls_attn)
+            try:
+                im = self._layout(feat, n, size, cls_attn)
+            except (ValueError, AssertionError) as e:
+                where = f"image {i} of {len(feats)} in this batch"
+                if size is not None:
+                    where += f" (image_sizes (H, W) = {size}, {n} crops)"
+                raise type(e)(f"{where}: {e}") from e
             if keys is not None:
                 im.vit_keys = keys[start:start + n, 1:]  # (n, h*w, Dh) CLS row dropped
             if hidden is not None:
                 im.vit_hidden = hidden[start:start + n]  # (n, h*w, C) the projector's input (CLS already removed)
-            self._described[id(feat)] = (feat, im)
+            setattr(feat, ENCODED_ATTR, im)
             start += n
 
     def describe(self, enc: Any) -> list[ImageTokens]:
         """One `ImageTokens` per pooler_output entry (entries repeated by `generate` share one)."""
         images = []
         for feat in enc.pooler_output:
-            entry = self._described.get(id(feat))
-            if entry is None or entry[0] is not feat:
+            im = getattr(feat, ENCODED_ATTR, None)
+            if im is None:
                 raise ValueError("these image features were not encoded while vlmdrop was applied "
                                  "(pass pixel_values, or call generate, with the method applied)")
-            im = entry[1]
             images.append(ImageTokens(n_before=im.n_before, crop_of=im.crop_of, local_index=im.local_index,
                                       crop_hw=im.crop_hw, n_crops=im.n_crops, cls_attn=im.cls_attn,
                                       base_region=im.base_region, grid_hw=im.grid_hw,

@@ -4,13 +4,24 @@ What the engine needs from a model, and nothing more: the language model module 
 decoder stack called with a 2-D `attention_mask`), its decoder layers, its rotary embedding, its
 text config, and — per prefill, from the adapter — where each image's tokens sit in the sequence
 (`ImageSpan`).  Any adapter (LLaVA, LLaVA-NeXT, InternVL, ...) plugs in by calling
-`LLMStageEngine.begin_prefill(spans, base_stats)` right before the language model runs.
+`LLMStageEngine.begin_prefill(spans, base_stats)` right before the language model runs, inside a
+top-level call of its `CallScope`: everything one forward computes lives in that call's `Call`
+(`llm_spans`, then `llm`, a `_Forward`), never on the engine; decode state hangs off the cache.
 
-Per drop layer K (one for FastV, one per stage boundary for PyramidDrop):
+Per drop layer K (one for FastV, one per stage boundary for PyramidDrop), the scores are the last
+prompt token's attention row, mean over heads (`vlmdrop.ops.llm_scores`), the same under eager,
+sdpa and flash attention, taken by the method's `score_layer` rule:
 
-* scores — forward hooks on `q_proj` / `k_proj` of layer K−1's attention and a pre-hook on that
-  attention (for the `position_embeddings` it received) give the last prompt token's attention row,
-  mean over heads (`vlmdrop.ops.llm_scores`); the same under eager, sdpa and flash attention.
+* "previous" (FastV; `pdrop(score_layer="previous")`) — forward hooks on `q_proj` / `k_proj` of layer
+  K−1's attention and a pre-hook on that attention (for the `position_embeddings` it received): the
+  attention layer K−1 really computed, at no extra cost.
+* "current" (PyramidDrop's official rule, its default) — the pre-hook on layer K, before the drop,
+  applies layer K's own `input_layernorm`, `k_proj` (every row) and `q_proj` (the query rows only)
+  to layer K's full input, with the positions layers < K used; then layer K runs on the reduced
+  sequence, as in the official code.
+
+Then:
+
 * drop — a pre-hook on decoder layer K gathers the kept rows of `hidden_states`, re-pads rows of
   unequal length on the left, and hands layers ≥ K their own `attention_mask` (built by the
   installed transformers' `create_causal_mask`, sized against layer K's cache), `position_ids` and
@@ -26,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +47,8 @@ from vlmdrop.interface import LLMMethod
 from vlmdrop.ops.compact import compact_positions, plan_compaction
 from vlmdrop.ops.llm_scores import last_token_attention
 from vlmdrop.stats import ImageStats
+
+from .engine import CallScope
 
 logger = logging.getLogger("vlmdrop")
 
@@ -115,24 +127,24 @@ class LLMStageEngine:
 
     Args:
         language_model: the decoder stack (called with `attention_mask`, `cache`, `inputs_embeds`).
-        layers: its decoder layers, in order; each has `self_attn` with `q_proj`, `k_proj`, `scaling`.
+        layers: its decoder layers, in order; each has `self_attn` with `q_proj`, `k_proj`, `scaling`
+            (and `input_layernorm` for the "current" score rule).
         rotary_emb: the module mapping `(x, position_ids)` to `(cos, sin)`.
         config: the text config (`num_attention_heads`, `num_key_value_heads`, `_attn_implementation`).
         method: the `LLMMethod`.
-        on_stats: called with the per-image stats at the end of every prefill.
+        scope: the top-level model's `CallScope`; each prefill's per-image stats go to its `Call.images`.
     """
 
     def __init__(self, *, language_model: nn.Module, layers: list[nn.Module], rotary_emb: nn.Module, config: Any,
-                 method: LLMMethod, on_stats: Callable[[list[ImageStats]], None]) -> None:
+                 method: LLMMethod, scope: CallScope) -> None:
         self.lm, self.layers, self.rotary_emb, self.config = language_model, list(layers), rotary_emb, config
-        self.method, self.on_stats = method, on_stats
+        self.method, self.scope = method, scope
         self.num_layers = len(self.layers)
         self.drop_layers = method.drop_layers(self.num_layers)
+        self.score_rule = method.score_layer
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._pending: tuple[list[ImageSpan], list[ImageStats]] | None = None
-        self._fwd: _Forward | None = None
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Decode
         self._handles: list[Any] = []
         try:
             self._install()
@@ -151,11 +163,16 @@ class LLMStageEngine:
         h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         h.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
         for k in self.drop_layers:
-            attn = getattr(self.layers[k - 1], "self_attn", None)
-            for proj in ("q_proj", "k_proj"):
-                if not isinstance(getattr(attn, proj, None), nn.Module):
-                    raise ValueError(f"decoder layer {k - 1} ({type(self.layers[k - 1]).__name__}) has no self_attn.{proj}; "
-                                     "vlmdrop scores LLM layers from their q_proj/k_proj outputs")
+            j = k - 1 if self.score_rule == "previous" else k  # the layer whose q/k score the drop at k
+            attn = getattr(self.layers[j], "self_attn", None)
+            needs = ["self_attn.q_proj", "self_attn.k_proj"] + (["input_layernorm"] if j == k else [])
+            for name in needs:
+                owner = self.layers[j] if name == "input_layernorm" else attn
+                if not isinstance(getattr(owner, name.split(".")[-1], None), nn.Module):
+                    raise ValueError(f"decoder layer {j} ({type(self.layers[j]).__name__}) has no {name}; vlmdrop "
+                                     f"scores LLM layers from their q_proj/k_proj (score_layer={self.score_rule!r})")
+            if j == k:
+                continue  # scored in layer k's pre-hook
             h.append(attn.register_forward_pre_hook(self._attn_pre(k), with_kwargs=True))
             h.append(attn.q_proj.register_forward_hook(self._q_hook(k)))
             h.append(attn.k_proj.register_forward_hook(self._k_hook(k, attn)))
@@ -168,20 +185,29 @@ class LLMStageEngine:
             handle.remove()
         self._handles.clear()
         self._states = weakref.WeakKeyDictionary()
-        self._pending = None
-        self._fwd = None
 
     def begin_prefill(self, spans: list[ImageSpan], base: list[ImageStats]) -> None:
-        """Called by the adapter before a language-model forward that carries images: one span and one
-        stats record (what the vision stage, if any, kept; `kept_indices` into `n_before`) per image."""
+        """Called by the adapter, inside a top-level call, before a language-model forward that carries
+        images: one span and one stats record (what the vision stage, if any, kept; `kept_indices` into
+        `n_before`) per image."""
         if len(spans) != len(base):
             raise AssertionError(f"{len(spans)} image spans but {len(base)} stats records")
-        self._pending = (spans, base)
+        call = self.scope.current
+        if call is None:
+            raise AssertionError("begin_prefill called outside a top-level call of the patched model")
+        call.llm_spans = (spans, base)
+
+    def _fwd(self) -> _Forward | None:
+        """The calling thread's running language-model forward, or None."""
+        call = self.scope.current
+        return call.llm if call is not None else None
 
     # ------------------------------------------------------- language model
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pending, self._pending = self._pending, None
-        self._fwd = None
+        call = self.scope.current
+        if call is None:
+            return  # the language model run on its own, not through the patched model: nothing to do
+        pending, call.llm_spans, call.llm = call.llm_spans, None, None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         x = kwargs.get("inputs_embeds")
         if x is None:
@@ -194,7 +220,7 @@ class LLMStageEngine:
                 raise ValueError("vlmdrop: images in a forward that continues a non-empty cache are not supported")
             b, length = x.shape[0], x.shape[1]
             mask2d = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=x.device)
-            self._fwd = self._start_prefill(pending, mask2d, cache)
+            call.llm = self._start_prefill(pending, mask2d, cache)
             return
         if cache is not None:
             try:
@@ -202,8 +228,8 @@ class LLMStageEngine:
             except TypeError:
                 state = None
             if state is not None:
-                self._fwd = _Forward(mode="decode", cache=cache, mask2d=mask, stages=state.stages,
-                                     length=state.orig_len)
+                call.llm = _Forward(mode="decode", cache=cache, mask2d=mask, stages=state.stages,
+                                    length=state.orig_len)
 
     def _start_prefill(self, pending: tuple[list[ImageSpan], list[ImageStats]], mask2d: torch.Tensor,
                        cache: Any) -> _Forward:
@@ -228,7 +254,10 @@ class LLMStageEngine:
         return torch.where(mask2d, idx, -1).max(dim=1).values.clamp(min=0)
 
     def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        fwd, self._fwd = self._fwd, None
+        call = self.scope.current
+        fwd = call.llm if call is not None else None
+        if call is not None:
+            call.llm = None
         if fwd is None or fwd.mode != "prefill":
             return
         stats = []
@@ -247,7 +276,7 @@ class LLMStageEngine:
                                     kept_indices=kept, crop_budgets=list(st.crop_budgets),
                                     crop_kept=list(st.crop_kept), method=name, layer_tokens=list(im.layer_tokens),
                                     n_new=len(new), new_groups=groups))
-        self.on_stats(stats)
+        call.images = stats
         cache = getattr(output, "cache", None)
         if cache is None and isinstance(output, dict):
             cache = output.get("past_key_values")
@@ -257,7 +286,7 @@ class LLMStageEngine:
     # --------------------------------------------------------------- scoring
     def _attn_pre(self, k: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is not None and fwd.mode == "prefill":
                 emb = kwargs.get("position_embeddings")
                 if emb is None:
@@ -269,7 +298,7 @@ class LLMStageEngine:
 
     def _q_hook(self, k: int):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is not None and fwd.mode == "prefill":
                 fwd.q[k] = out.detach()  # (B, L_prev, H*D)
 
@@ -277,28 +306,59 @@ class LLMStageEngine:
 
     def _k_hook(self, k: int, attn: nn.Module):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is None or fwd.mode != "prefill" or k not in fwd.q:
                 return
             q = fwd.q.pop(k)
-            key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
-            last = self._last_index(key_mask)  # (B,)
-            causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
             cos, sin = fwd.pos_emb.pop(k)
-            fwd.scores[k] = last_token_attention(
-                q, out.detach(), cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
-                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=float(attn.scaling),
-                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))  # (B, L_prev)
+            fwd.scores[k] = self._scores(fwd, attn, q, out.detach(), cos, sin)  # (B, L_prev)
 
         return hook
+
+    def _scores(self, fwd: _Forward, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """(B, L_prev) the last prompt token's attention over the sequence layers < K see, from an
+        attention module's queries (B, L_prev, H*D) or query rows (B, H*D) and keys (B, L_prev, Hkv*D)."""
+        key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
+        key_mask = key_mask.to(k.device)
+        last = self._last_index(key_mask)  # (B,)
+        causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
+        return last_token_attention(
+            q, k, cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=float(attn.scaling),
+            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
+
+    def _score_current(self, fwd: _Forward, k: int, args: tuple, kwargs: dict) -> None:
+        """PyramidDrop's official rule: layer k's own q/k on its (not yet reduced) input."""
+        layer = self.layers[k]
+        attn = layer.self_attn
+        hidden = _hidden_from(args, kwargs)  # (B, L_prev, D)
+        prev = self._stage_of(fwd, k - 1)
+        if prev >= 0:  # the positions layers < k ran with (their stage's)
+            emb = fwd.layer_kwargs[prev][2]
+        else:
+            emb = kwargs.get("position_embeddings")
+        if emb is None:
+            raise ValueError(f"decoder layer {k} received no position_embeddings; vlmdrop supports RoPE "
+                             "decoders that pass (cos, sin) to every layer")
+        key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
+        last = self._last_index(key_mask).to(hidden.device)  # (B,)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        normed = layer.input_layernorm(hidden)  # (B, L_prev, D)
+        keys = attn.k_proj(normed).detach()  # (B, L_prev, Hkv*Dh)
+        query = attn.q_proj(normed[rows, last]).detach()  # (B, H*Dh): only the query rows
+        cos, sin = emb
+        fwd.scores[k] = self._scores(fwd, attn, query, keys, cos, sin)  # (B, L_prev)
 
     # ------------------------------------------------------------ the drops
     def _layer_pre(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            fwd = self._fwd
+            fwd = self._fwd()
             if fwd is None:
                 return None
             if fwd.mode == "prefill" and i in self.drop_layers:
+                if self.score_rule == "current":
+                    self._score_current(fwd, i, args, kwargs)
                 args, kwargs = self._drop(fwd, i, args, kwargs)
             stage = self._stage_of(fwd, i)
             if stage < 0:
@@ -334,7 +394,7 @@ class LLMStageEngine:
         alive = prev.where.to(device) >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
         alive = alive.clone()  # (B, L) prefill positions still in the sequence
         if scores is None:
-            raise AssertionError(f"no scores were captured in layer {k - 1} for the drop at layer {k}")
+            raise AssertionError(f"no scores were captured for the drop at layer {k} (score_layer={self.score_rule!r})")
         where_prev = prev.where.to(device) if prev is not None else torch.arange(length, device=device).expand(b, length)
         changed = False
         for im in fwd.images:
@@ -420,7 +480,7 @@ class LLMStageEngine:
 
     # ---------------------------------------------------------------- output
     def _last_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        fwd = self._fwd
+        fwd = self._fwd()
         if fwd is None or fwd.mode != "prefill" or not fwd.stages:
             return None
         hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
@@ -440,20 +500,24 @@ class LLMStageSpans:
     The adapter supplies `encode(kwargs)` and `image_token_id`.  An adapter whose pooler_output is not
     one entry per image (InternVL: one per tile, or one re-packed entry after a vision stage) also
     supplies `image_rows(encoder_output, input_ids) -> rows per image`, in batch/prompt order.
+
+    A stacked vision stage hands its per-image stats over in the call's `Call.images`.  A prefill that
+    keeps no cache and receives its images pre-encoded is what every step of `generate(use_cache=False)`
+    is (each step re-runs the prefill on the whole sequence, so the ranking would follow the newest
+    token, not the prompt): it is refused with a ValueError.  A plain `model(**inputs, use_cache=False)`
+    (images as `pixel_values`) is one prefill and runs.
     """
 
-    def __init__(self, adapter: Any, method: LLMMethod, handle: Any, *, language_model: nn.Module,
+    def __init__(self, adapter: Any, method: LLMMethod, scope: CallScope, *, language_model: nn.Module,
                  layers: list[nn.Module], rotary_emb: nn.Module, config: Any, vision_stage: bool) -> None:
         import inspect
 
-        from vlmdrop.stats import DropStats
-
-        self.adapter, self.handle, self.vision_stage = adapter, handle, vision_stage
+        self.adapter, self.scope, self.vision_stage = adapter, scope, vision_stage
+        self.method_name = method.config.name
         self.model: nn.Module = adapter.model
         self._signature = inspect.signature(self.model.forward)
         self.engine = LLMStageEngine(language_model=language_model, layers=layers, rotary_emb=rotary_emb,
-                                     config=config, method=method,
-                                     on_stats=lambda images: handle._set_stats(DropStats(images=images)))
+                                     config=config, method=method, scope=scope)
         self._handle = self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
     def remove(self) -> None:
@@ -469,6 +533,18 @@ class LLMStageSpans:
         mm = kw.get("mm_encoder_outputs") or {}
         if kw.get("pixel_values") is None and mm.get("image") is None:
             return None
+        call = self.scope.current
+        if call is None:
+            raise AssertionError("vlmdrop: a forward with images ran without its per-call state")
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if call.pre_encoded and call.use_cache is False and cache is None:
+            raise ValueError(
+                f"vlmdrop: {self.method_name!r} is an LLM-stage method and generate(use_cache=False) re-runs the "
+                "prefill at every step (on the prompt plus the tokens generated so far), so the image tokens "
+                "would be re-ranked by the newest token instead of the prompt's last token: call generate with "
+                "use_cache=True (the default).  (A forward given pre-encoded images, mm_encoder_outputs, with "
+                "use_cache=False is taken for such a step; a single model(**inputs, use_cache=False) with "
+                "pixel_values is fine.)")
         changed = False
         if kw.get("pixel_values") is not None:
             enc = self.adapter.encode(kw)
@@ -491,7 +567,7 @@ class LLMStageSpans:
             spans.append(ImageSpan(sample=sample, positions=cols[offset:offset + n]))
             offset += n
         if self.vision_stage:
-            base = list(self.handle.stats.images)
+            base = list(call.images or [])
             if [s.n_kept for s in base] != counts:
                 raise AssertionError(f"vision stage kept {[s.n_kept for s in base]} rows, the input has {counts}")
         else:

@@ -8,9 +8,16 @@ layer's own.
 Additive options: `q_name`/`k_name` hook other submodules (InternVL's `q_norm`/`k_norm`, which follow
 the projections and are `nn.Identity` without qk-norm); roles in `logit_roles` keep the pre-softmax
 scaled dot products q·k·scale (GlobalCom2's score) instead of the softmax row.
+
+State: the hooks record only between `begin()` and `end()` (the adapter brackets each
+`get_image_features` call with them), into buffers of the calling thread; so a vision forward that
+failed leaves nothing for the next one, two threads' encodes never mix, and a projector or tower run
+outside an encode (e.g. `project`) records nothing.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -35,8 +42,7 @@ class ClsRowCapture:
         self.num_heads = num_heads
         self.scale = scale
         self.logit_roles = frozenset(logit_roles)
-        self.rows: dict[str, torch.Tensor] = {}
-        self._q: dict[str, torch.Tensor] = {}
+        self._local = threading.local()  # .buffers: (rows, pending queries) of this thread's open encode
         self.handles: list[RemovableHandle] = []
         for role, mod in modules.items():
             for proj in (q_name, k_name):
@@ -45,37 +51,53 @@ class ClsRowCapture:
             self.handles.append(getattr(mod, q_name).register_forward_hook(self._on_q(role)))
             self.handles.append(getattr(mod, k_name).register_forward_hook(self._on_k(role)))
 
+    def begin(self) -> None:
+        """Start recording, in the calling thread, with empty buffers."""
+        self._local.buffers = ({}, {})
+
+    def end(self) -> None:
+        """Stop recording in the calling thread and drop its buffers."""
+        self._local.buffers = None
+
+    def _buffers(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        return getattr(self._local, "buffers", None)
+
     def _on_q(self, role: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            self._q[role] = out[:, 0].detach()  # (C, D) CLS query of every crop
+            buf = self._buffers()
+            if buf is not None:
+                buf[1][role] = out[:, 0].detach()  # (C, D) CLS query of every crop
 
         return hook
 
     def _on_k(self, role: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            q = self._q.pop(role, None)
+            buf = self._buffers()
+            q = buf[1].pop(role, None) if buf is not None else None
             if q is None:
-                return  # k computed without a preceding q: not an attention forward we understand
+                return  # not recording, or k computed without a preceding q: not an attention forward we understand
             if role in self.logit_roles:
                 row = _cls_logits(q, out.detach(), num_heads=self.num_heads, scale=self.scale)
             else:
                 row = cls_attention_from_projections(q, out.detach(), num_heads=self.num_heads, scale=self.scale)
-            self.rows[role] = row  # (C, H, N)
+            buf[0][role] = row  # (C, H, N)
 
         return hook
 
     def take(self) -> dict[str, torch.Tensor]:
-        """Return and clear the rows of the last vision forward."""
-        rows, self.rows = self.rows, {}
-        self._q.clear()
+        """The rows recorded since `begin()` in the calling thread, by role (cleared)."""
+        buf = self._buffers()
+        if buf is None:
+            return {}
+        rows = dict(buf[0])
+        buf[0].clear()
         return rows
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        self.rows.clear()
-        self._q.clear()
+        self._local = threading.local()
 
 
 def _cls_logits(q: torch.Tensor, k: torch.Tensor, *, num_heads: int, scale: float) -> torch.Tensor:
@@ -91,6 +113,8 @@ def _cls_logits(q: torch.Tensor, k: torch.Tensor, *, num_heads: int, scale: floa
 class FeatureCapture:
     """Collects a feature layer's keys (averaged over heads) and the features a projector receives.
 
+    Records only between `begin()` and `end()`, per thread, as `ClsRowCapture`.
+
     Args:
         k_proj: the feature layer's key projection (output (C, N, H*Dh)); None = no keys.
         projector: a module whose first positional input is the (C, N', D) features to capture; None = none.
@@ -99,33 +123,43 @@ class FeatureCapture:
 
     def __init__(self, *, k_proj: nn.Module | None, projector: nn.Module | None, num_heads: int) -> None:
         self.num_heads = num_heads
-        self.keys: torch.Tensor | None = None
-        self.hidden: torch.Tensor | None = None
-        self.paused = False
+        self._local = threading.local()  # .buffers: {"keys": ..., "hidden": ...} of this thread's open encode
         self.handles: list[RemovableHandle] = []
         if k_proj is not None:
             self.handles.append(k_proj.register_forward_hook(self._on_k))
         if projector is not None:
             self.handles.append(projector.register_forward_pre_hook(self._on_projector))
 
+    def begin(self) -> None:
+        """Start recording, in the calling thread, with empty buffers."""
+        self._local.buffers = {}
+
+    def end(self) -> None:
+        """Stop recording in the calling thread and drop its buffers."""
+        self._local.buffers = None
+
     def _on_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        buf = getattr(self._local, "buffers", None)
+        if buf is None:
+            return
         c, n, d = out.shape
         if d % self.num_heads:
             raise ValueError(f"key size {d} is not divisible by num_heads={self.num_heads}")
-        self.keys = out.detach().reshape(c, n, self.num_heads, d // self.num_heads).mean(dim=2)  # (C, N, Dh)
+        buf["keys"] = out.detach().reshape(c, n, self.num_heads, d // self.num_heads).mean(dim=2)  # (C, N, Dh)
 
     def _on_projector(self, module: nn.Module, args: tuple) -> None:
-        if not self.paused and args:
-            self.hidden = args[0].detach()  # (C, N', D)
+        buf = getattr(self._local, "buffers", None)
+        if buf is not None and args:
+            buf["hidden"] = args[0].detach()  # (C, N', D)
 
     def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(keys, hidden) of the last vision forward, cleared."""
-        out = (self.keys, self.hidden)
-        self.keys = self.hidden = None
+        """(keys, hidden) recorded since `begin()` in the calling thread, cleared."""
+        buf = getattr(self._local, "buffers", None) or {}
+        out = (buf.pop("keys", None), buf.pop("hidden", None))
         return out
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        self.keys = self.hidden = None
+        self._local = threading.local()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Sequence
 
@@ -16,14 +17,30 @@ from .tasks import EmptyDatasetError, get_task, task_names
 
 
 def _floats(s: str) -> list[float]:
+    parts = [x.strip() for x in s.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("no value given")
     try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
+        vals = [float(x) for x in parts]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--budget takes comma-separated numbers, got {s!r}") from e
-    for v in vals:
+    for x, v in zip(parts, vals):
+        if not math.isfinite(v):  # inf, nan, and 1e400 (which reads as inf)
+            raise argparse.ArgumentTypeError(f"budget {x!r} is not a finite number")
         if not (0.0 < v <= 1.0 or (v > 1 and v == int(v))):
-            raise argparse.ArgumentTypeError(f"budget {v} is neither a fraction in (0, 1] nor a token count")
+            raise argparse.ArgumentTypeError(f"budget {v:g} is neither a fraction in (0, 1] nor a token count")
     return vals
+
+
+def _count(s: str) -> int:
+    """A whole number >= 1 (``--limit``, ``--batch-size``, ``--max-new-tokens``)."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {s!r}")
+    return v
 
 
 def _method_args(s: str) -> dict:
@@ -39,7 +56,10 @@ def _method_args(s: str) -> dict:
 
 
 def _names(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no value given")
+    return names
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -54,11 +74,12 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--method", default=["hired"], type=_names,
                    help="comma-separated dropping methods (the full model always runs as the reference)")
     p.add_argument("--budget", default=[0.2], type=_floats, help="comma-separated kept fractions (e.g. 0.1,0.2) or token counts (e.g. 64)")
-    p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's lmms-eval setting")
+    p.add_argument("--limit", type=_count, default=None, help="first N samples of each task (N >= 1)")
+    p.add_argument("--batch-size", type=_count, default=1)
+    p.add_argument("--max-new-tokens", type=_count, default=None, help="default: the task's lmms-eval setting")
     p.add_argument("--method-args", default=None, type=_method_args,
-                   help='extra method parameters as JSON, per method, e.g. \'{"fastv": {"layer": 3}}\'')
+                   help='other method parameters as JSON, per method, e.g. \'{"fastv": {"layer": 3}}\' '
+                        '(not the swept budget parameter, not random\'s seed)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (results are resumed from it)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -81,8 +102,6 @@ def main(args: argparse.Namespace) -> int:
     try:
         for t in args.task:
             get_task(t)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         cfg = EvalConfig(tasks=args.task, out=args.out, methods=args.method, budgets=args.budget, data=args.data,
                          model=args.model, limit=args.limit, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, seed=args.seed,

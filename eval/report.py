@@ -4,7 +4,8 @@ Columns: method, budget, score (the task's primary metric), % of full (score / f
 score), visual tokens kept (mean per sample, with the mean before dropping), TTFT (mean, ms),
 speedup (full TTFT / TTFT), decode tokens/s (mean), peak memory (max MB over samples),
 samples scored and errors. Errors (missing or unreadable image, malformed record) are
-listed below the table.
+listed below the table, then the parameters each configuration passed to ``vlmdrop.apply``
+and any line of the result files that is not a result (ignored, left in the file).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import json
 import logging
 import statistics
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from .runner import FULL, config_key, load_results
+from .runner import FULL, budget_label, config_key, scan_results
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,13 @@ def _mean(xs: Iterable) -> float | None:
 
 def summarize(task: Task, out: Path, configs: Sequence[tuple[str, float]],
               expected: Sequence[str] | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
-    """One row per configuration plus the error records per configuration."""
+    """One row per configuration plus the error records per configuration. Each row's ``corrupt``
+    lists the lines of its result files that are not results (see ``runner.scan_results``)."""
     task_dir = Path(out) / task.name
     rows, errors = [], {}
     full_score = full_ttft = None
     for method, budget in configs:
-        res = load_results(task_dir, method, budget)
+        res, corrupt = scan_results(task_dir, method, budget)
         if expected is not None:
             keep = set(expected)
             res = [r for r in res if r["id"] in keep]
@@ -51,7 +53,7 @@ def summarize(task: Task, out: Path, configs: Sequence[tuple[str, float]],
             "ttft_ms": None if _mean(r.get("ttft_s") for r in ok) is None else 1000 * _mean(r.get("ttft_s") for r in ok),
             "decode_tps": _mean(r.get("decode_tps") for r in ok),
             "peak_mem_mb": max((r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None), default=None),
-            "n": len(ok), "errors": len(errs),
+            "n": len(ok), "errors": len(errs), "corrupt": [str(c) for c in corrupt],
             "extra": {k: v for k, v in agg.items() if k != "score"},
         }
         sub = task.submission(ok)
@@ -81,8 +83,10 @@ def _fmt(v, nd: int = 2) -> str:
 
 
 def write_report(task: Task, out: Path, configs: Sequence[tuple[str, float]],
-                 expected: Sequence[str] | None = None) -> Path:
-    """Write ``OUT/<task>/report.md``, ``report.csv`` and ``pareto.png``; returns the markdown path."""
+                 expected: Sequence[str] | None = None,
+                 params: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Write ``OUT/<task>/report.md``, ``report.csv`` and ``pareto.png``; returns the markdown path.
+    ``params`` maps a configuration key (``hired@0.2``) to what ``vlmdrop.apply`` received."""
     task_dir = Path(out) / task.name
     task_dir.mkdir(parents=True, exist_ok=True)
     rows, errors = summarize(task, out, configs, expected)
@@ -99,7 +103,7 @@ def write_report(task: Task, out: Path, configs: Sequence[tuple[str, float]],
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tokens = f"{_fmt(r['tokens_kept'], 1)} / {_fmt(r['tokens_before'], 1)}"
-        lines.append(f"| {r['method']} | {r['budget']:g} | {_fmt(r['score'])} | {_fmt(r['pct_of_full'], 1)} | {tokens} | "
+        lines.append(f"| {r['method']} | {budget_label(r['budget'])} | {_fmt(r['score'])} | {_fmt(r['pct_of_full'], 1)} | {tokens} | "
                      f"{_fmt(r['ttft_ms'], 1)} | {_fmt(r['speedup'])} | {_fmt(r['decode_tps'], 1)} | "
                      f"{_fmt(r['peak_mem_mb'], 0)} | {r['n']} | {r['errors']} |")
     extra_keys = sorted({k for r in rows for k in r["extra"]})
@@ -107,7 +111,7 @@ def write_report(task: Task, out: Path, configs: Sequence[tuple[str, float]],
         lines += ["", "Sub-scores:", "", "| method | budget | " + " | ".join(extra_keys) + " |",
                   "|---|---|" + "---|" * len(extra_keys)]
         for r in rows:
-            lines.append(f"| {r['method']} | {r['budget']:g} | " + " | ".join(_fmt(r['extra'].get(k)) for k in extra_keys) + " |")
+            lines.append(f"| {r['method']} | {budget_label(r['budget'])} | " + " | ".join(_fmt(r['extra'].get(k)) for k in extra_keys) + " |")
     n_err = sum(len(v) for v in errors.values())
     lines += ["", f"## Errors ({n_err})", ""]
     if n_err:
@@ -120,6 +124,16 @@ def write_report(task: Task, out: Path, configs: Sequence[tuple[str, float]],
         lines += [f"- `{i}`: {msg}" for i, msg in seen.items()]
     else:
         lines.append("none")
+    shown = [(config_key(m, b), params[config_key(m, b)]) for m, b in configs
+             if m != FULL and params and config_key(m, b) in params]
+    if shown:
+        lines += ["", "Method parameters (what `vlmdrop.apply` received):", ""]
+        lines += [f"- `{key}`: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in p.items()) for key, p in shown]
+    corrupt = [c for r in rows for c in r["corrupt"]]
+    if corrupt:
+        lines += ["", f"## Corrupt result lines ({len(corrupt)})", "",
+                  "Not results of their configuration: ignored (left in the file); their samples ran again.", ""]
+        lines += [f"- {c}" for c in corrupt]
     md = task_dir / "report.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     try:

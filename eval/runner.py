@@ -3,7 +3,9 @@ sharded over processes.
 
 Files (``OUT`` is ``--out``)::
 
-    OUT/run.json                                  what produced the results (checked on resume)
+    OUT/run.json                                  what produced the results (checked on resume): model,
+                                                  data, seed, batch size, max new tokens and the exact
+                                                  method parameters of every configuration
     OUT/<task>/<method>@<budget>.part<R>.jsonl     results of process R (one line per sample)
     OUT/<task>/report.md|csv|png                   written by :mod:`vlmdrop.eval.report`
 
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,84 @@ class EvalConfig:
     progress: bool = True
     report: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending value for anything that would run something else than
+        what the rows, files and reports will say (checked at construction and again by ``run_eval``)."""
+        _check_list("tasks", self.tasks, "task")
+        canonical = [get_task(t).name for t in self.tasks]  # unknown names list the valid ones
+        _check_unique("tasks", self.tasks, canonical, "task", repr)
+        _check_list("methods", self.methods, "method")
+        if not all(isinstance(m, str) and m for m in self.methods):
+            raise ValueError(f"methods={self.methods!r}: every method must be a non-empty name")
+        _check_unique("methods", self.methods, self.methods, "method", repr)
+        _check_list("budgets", self.budgets, "budget")
+        for b in self.budgets:
+            check_budget(b)
+        _check_unique("budgets", self.budgets, [float(b) for b in self.budgets], "budget", lambda b: f"{b:g}")
+        _check_count("limit", self.limit, optional=True)
+        _check_count("batch_size", self.batch_size)
+        _check_count("max_new_tokens", self.max_new_tokens, optional=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an int")
+        check_method_args(self.method_args)
+
+
+def _check_list(name: str, values: Any, what: str) -> None:
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name}={values!r} must be a list of {what}s")
+    if not values:
+        raise ValueError(f"{name}={list(values)!r} is empty: give at least one {what}")
+
+
+def _check_unique(name: str, values: Sequence[Any], keys: Sequence[Any], what: str, show: Callable[[Any], str]) -> None:
+    seen: set[Any] = set()
+    for k in keys:
+        if k in seen:
+            raise ValueError(f"{name}={list(values)!r} lists {what} {show(k)} twice")
+        seen.add(k)
+
+
+def _check_count(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+
+
+def check_budget(budget: Any) -> float:
+    """A sweep budget: a fraction in (0, 1] or a whole token count > 1; raises ValueError naming it."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget {budget!r} is not a number")
+    if not math.isfinite(budget):
+        raise ValueError(f"budget {budget!r} is not a finite number")
+    if not (0.0 < budget <= 1.0 or (budget > 1 and budget == int(budget))):
+        raise ValueError(f"budget {budget:g} is neither a fraction in (0, 1] nor a whole number of tokens")
+    return float(budget)
+
+
+def check_method_args(method_args: Any) -> None:
+    """``--method-args`` may neither give parameters to the full model nor set the parameter that the
+    budget axis sweeps (nor random's ``seed``, which ``--seed`` sets): the run would say ``hired@0.2``
+    while something else ran. Names of methods are checked against the sweep by ``run_eval``."""
+    if not isinstance(method_args, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                    for k, v in method_args.items()):
+        raise ValueError(f'method_args={method_args!r} must map method names to objects, e.g. {{"fastv": {{"layer": 3}}}}')
+    for name, args in method_args.items():
+        if name == FULL:
+            raise ValueError(f"--method-args gives parameters {sorted(args)} to 'full', the unmodified reference "
+                             "model, which takes none")
+        axis = BUDGET_PARAMETER.get(name, "budget")
+        if axis in args:
+            raise ValueError(f"--method-args sets {name}'s {axis!r} ({args[axis]!r}), the parameter that --budget "
+                             f"sweeps: the results would be labelled {name}@<budget> while {axis}={args[axis]!r} ran; "
+                             "give the value with --budget instead")
+        if name == "random" and "seed" in args:
+            raise ValueError(f"--method-args sets random's 'seed' ({args['seed']!r}); use --seed, which is recorded "
+                             "with the run")
+
 
 def configurations(methods: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
     """The sweep: the full model (reference) first, then every method x budget."""
@@ -90,21 +172,50 @@ def method_params(method: str, budget: float, seed: int = 0, extra: dict[str, An
     return kw
 
 
+def budget_label(budget: float) -> str:
+    """``0.2``, ``64``: the short form when it reads back as the same number, else an exact one (two
+    budgets never share a label: ``0.1234567`` and ``0.1234568`` both print as ``0.123457`` with ``:g``)."""
+    short = f"{budget:g}"
+    if float(short) == budget:
+        return short
+    if budget > 1 and budget == int(budget):
+        return str(int(budget))
+    return repr(float(budget))
+
+
 def config_key(method: str, budget: float) -> str:
     """File stem of a configuration, e.g. ``hired@0.2``."""
-    return f"{method}@{budget:g}"
+    return f"{method}@{budget_label(budget)}"
 
 
 # ======================================================================================
 # JSONL results with resume
 # ======================================================================================
-def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """Read result lines. A torn last line (a run killed mid-write) is dropped -- and, with
-    ``repair``, cut off the file so that appends start on a clean line. A corrupt line in
-    the middle is skipped with a warning."""
+@dataclass(frozen=True)
+class CorruptLine:
+    """A line of a result file that is not a result of its configuration (ignored, left in the file)."""
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"`{self.file}` line {self.line}: {self.reason}"
+
+
+def _shown(raw: bytes, limit: int = 80) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _scan_jsonl(path: Path, repair: bool = False) -> tuple[list[tuple[int, bytes, dict]], list[CorruptLine]]:
+    """(line number, raw line, object) per JSON-object line, and the lines that are not JSON objects.
+    A torn last line (a run killed mid-write) is dropped -- and, with ``repair``, cut off the file so
+    that appends start on a clean line; every other bad line stays where it is."""
     if not path.exists():
-        return []
-    rows: list[dict] = []
+        return [], []
+    rows: list[tuple[int, bytes, dict]] = []
+    corrupt: list[CorruptLine] = []
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -117,12 +228,17 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
             good_end = line_end
             continue
         try:
-            rows.append(json.loads(raw))
+            obj = json.loads(raw)
         except ValueError:
             if i == last_nonblank:
                 log.warning("%s: dropping a torn last line (%d bytes)", path, len(raw))
                 break
-            log.warning("%s: skipping corrupt line %d", path, i + 1)
+            corrupt.append(CorruptLine(path.name, i + 1, f"not JSON: {_shown(raw)}"))
+        else:
+            if isinstance(obj, dict):
+                rows.append((i + 1, raw, obj))
+            else:
+                corrupt.append(CorruptLine(path.name, i + 1, f"not a result object: {_shown(raw)}"))
         good_end = line_end
     if repair and data and (good_end < len(data) or not data.endswith(b"\n")):
         kept = data[:good_end]
@@ -130,7 +246,30 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
             kept += b"\n"
         with open(path, "wb") as f:
             f.write(kept)
-    return rows
+    return rows, corrupt
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Read the JSON-object lines of a result file. A torn last line (a run killed mid-write) is
+    dropped -- and, with ``repair``, cut off the file so that appends start on a clean line. Any
+    other line that is not a JSON object is skipped with a warning (and left in the file)."""
+    rows, corrupt = _scan_jsonl(path, repair)
+    for c in corrupt:
+        log.warning("%s: skipping line %d (%s)", path, c.line, c.reason)
+    return [obj for _, _, obj in rows]
+
+
+def _result_problem(row: dict, method: str, budget: float) -> str | None:
+    """Why ``row`` is not a result of (method, budget), or None."""
+    err = row.get("error", ...)
+    if (not isinstance(row.get("id"), str) or not isinstance(row.get("method"), str)
+            or isinstance(row.get("budget"), bool) or not isinstance(row.get("budget"), (int, float))
+            or not (err is None or isinstance(err, str))
+            or (err is None and ("answer" not in row or "score" not in row))):
+        return "not a result object"
+    if row["method"] != method or float(row["budget"]) != float(budget):
+        return f"a result of {config_key(row['method'], float(row['budget']))}, not of {config_key(method, budget)}"
+    return None
 
 
 def result_files(task_dir: Path, method: str, budget: float) -> list[Path]:
@@ -138,17 +277,31 @@ def result_files(task_dir: Path, method: str, budget: float) -> list[Path]:
     return sorted(task_dir.glob(f"{config_key(method, budget)}.part*.jsonl"))
 
 
-def load_results(task_dir: Path, method: str, budget: float) -> list[dict]:
-    """Merged results of all parts, first occurrence of each id kept."""
-    seen: set[str] = set()
-    out = []
+def scan_results(task_dir: Path, method: str, budget: float) -> tuple[list[dict], list[CorruptLine]]:
+    """Merged results of all parts, one per sample id, and the lines that are not results of this
+    configuration. A finished row beats an error row (an error is retried on resume); among
+    finished rows the first is kept, among error rows the newest."""
+    merged: dict[str, dict] = {}
+    corrupt: list[CorruptLine] = []
     for p in result_files(task_dir, method, budget):
-        for r in read_jsonl(p):
-            if r.get("id") in seen:
+        rows, bad = _scan_jsonl(p)
+        corrupt += bad
+        for line, raw, r in rows:
+            problem = _result_problem(r, method, budget)
+            if problem is not None:
+                corrupt.append(CorruptLine(p.name, line, f"{problem}: {_shown(raw)}" if problem == "not a result object"
+                                           else problem))
                 continue
-            seen.add(r["id"])
-            out.append(r)
-    return out
+            old = merged.get(r["id"])
+            if old is None or old.get("error"):  # a finished row is final; an error row gives way to a newer row
+                merged[r["id"]] = r
+    corrupt.sort(key=lambda c: (c.file, c.line))
+    return list(merged.values()), corrupt
+
+
+def load_results(task_dir: Path, method: str, budget: float) -> list[dict]:
+    """Merged results of all parts (see :func:`scan_results`)."""
+    return scan_results(task_dir, method, budget)[0]
 
 
 class ResultWriter:
@@ -273,10 +426,11 @@ class HFGenerator:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        self.method = method
+        self.method = FULL
         self._torch.manual_seed(seed)
         if method != FULL:
             self.handle = vlmdrop.apply(self.model, method, **method_params(method, budget, seed, params))
+            self.method = method
 
     def close(self) -> None:
         if self.handle is not None:
@@ -405,21 +559,116 @@ def _data_dir_for(data: str | None, task: Task) -> str | None:
     return str(sub) if sub.is_dir() else data
 
 
-def _check_run_meta(out: Path, cfg: EvalConfig, dist: _Dist) -> None:
-    if not dist.main:  # the main process checks and writes; the others wait at the barrier
-        return
-    data = str(Path(cfg.data).resolve()) if cfg.data else None
-    meta = {"model": cfg.model or "<default>", "data": data, "max_new_tokens": cfg.max_new_tokens,
-            "method_args": cfg.method_args or {}}
+RUN_RECORD_VERSION = 2
+RUN_GLOBALS = ("model", "data", "max_new_tokens", "seed", "batch_size")
+
+
+def _model_id(model: str | None) -> str:
+    if model is None:
+        return "<default>"
+    if not model.startswith("py:") and Path(model).exists():
+        return str(Path(model).resolve())
+    return model
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def apply_params(method: str, budget: float, seed: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``vlmdrop.apply`` receives at one sweep point, as it is recorded ({} for the full model)."""
+    return {} if method == FULL else _jsonable(method_params(method, budget, seed, extra))
+
+
+def run_record(cfg: EvalConfig, configs: Sequence[tuple[str, float]]) -> dict[str, Any]:
+    """Everything that changes results: the run-wide values and each configuration's method parameters."""
+    return {"version": RUN_RECORD_VERSION, "model": _model_id(cfg.model),
+            "data": str(Path(cfg.data).resolve()) if cfg.data else None,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "configs": {config_key(m, b): apply_params(m, b, cfg.seed, cfg.method_args.get(m)) for m, b in configs}}
+
+
+def read_run_record(out: Path) -> dict[str, Any] | None:
+    """``OUT/run.json``, or None when there is none; raises ValueError when it is not a run record."""
     path = out / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k, {} if k == "method_args" else None) != v}
-        if diff:
-            raise ValueError(f"{out} holds results of a different run ({diff}); choose another --out")
-    else:
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a vlmdrop run record ({e}); choose another --out") from e
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is not a vlmdrop run record (a JSON {type(old).__name__}); choose another --out")
+    version = old.get("version")
+    if version is None:
+        raise ValueError(f"{path} was written by an older vlmdrop eval that did not record --seed, --batch-size and "
+                         "the parameters of each configuration; its results cannot be matched to this run: choose "
+                         "another --out")
+    if version != RUN_RECORD_VERSION or not isinstance(old.get("configs"), dict):
+        raise ValueError(f"{path} has run record version {version!r} (this vlmdrop writes {RUN_RECORD_VERSION}); "
+                         "choose another --out")
+    return old
+
+
+def merge_run_record(out: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The record to write: ``old`` plus the new configurations. Raises ValueError (before anything
+    runs) when ``out`` holds results of another run: any run-wide value differs, or a configuration
+    present in both ran with other method parameters."""
+    if old is None:
+        parts = sorted(out.glob("*/*.part*.jsonl"))
+        if parts:
+            raise ValueError(f"{out} holds results ({len(parts)} result files, e.g. {parts[0]}) but no run.json "
+                             "recording what produced them; choose another --out")
+        return new
+    diff = [f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in RUN_GLOBALS if old.get(k) != new[k]]
+    diff += [f"{key} was run with {old['configs'][key]} there, now {params}"
+             for key, params in new["configs"].items() if key in old["configs"] and old["configs"][key] != params]
+    if diff:
+        raise ValueError(f"{out} holds results of a different run: {'; '.join(diff)}. Choose another --out, or rerun "
+                         f"with the values recorded in {out / 'run.json'}")
+    return {**old, "configs": {**old["configs"], **new["configs"]}}
+
+
+def write_run_record(out: Path, record: dict[str, Any]) -> None:
+    """Write ``OUT/run.json`` atomically (other processes may be reading it)."""
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".run.json.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, out / "run.json")
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_out_dir(out: Path, task_names: Sequence[str]) -> None:
+    """``--out`` must be a folder this process can write (it is created when missing), and each task's
+    result folder in it a folder; raises ValueError naming the path otherwise."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(meta, indent=1))
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be created: {e.strerror or e}") from e
+    record = out / "run.json"
+    if record.exists() and not record.is_file():
+        raise ValueError(f"--out {out}: {record} is not a file")
+    dirs = [out]
+    for name in task_names:
+        sub = out / name
+        if sub.exists() and not sub.is_dir():
+            raise ValueError(f"--out {out}: {sub} is a file, but the results of task {name!r} go into a folder "
+                             "of that name")
+        if sub.is_dir():
+            dirs.append(sub)
+    for d in dirs:
+        try:
+            fd, probe = tempfile.mkstemp(dir=d, prefix=".vlmdrop-write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"--out {out}: {d} is not writable ({e.strerror or e})") from e
 
 
 def load_image(image: Any) -> Any:
@@ -456,24 +705,33 @@ def run_task_config(task: Task, items: Sequence[Sample | BadRecord], gen: Genera
                     params: dict[str, Any] | None = None) -> int:
     """Run one (method, budget) on this process's shard of ``items``; returns the samples done now.
 
-    Samples are assigned to process ``k % world``; those already in any part file are
-    skipped, so a restarted run neither loses nor redoes a finished sample.
+    Samples are assigned to process ``k % world``; those finished in any part file are
+    skipped, so a restarted run neither loses nor redoes a finished sample. Samples whose
+    row is an error (a missing image, a malformed record) run again: the data may have been
+    fixed since. Each row records the parameters ``vlmdrop.apply`` received (``params``) and
+    the generation length used (``max_new_tokens``).
     """
     from tqdm.auto import tqdm
 
+    _check_count("max_new_tokens", max_new_tokens, optional=True)
     task_dir = out / task.name
-    done = {r["id"] for r in load_results(task_dir, method, budget)}
+    results, corrupt = scan_results(task_dir, method, budget)
+    if corrupt:
+        log.warning("%s %s: %d line(s) of the result files are not results of this configuration and are "
+                    "ignored (first: %s)", task.name, config_key(method, budget), len(corrupt), corrupt[0])
+    done = {r["id"] for r in results if not r.get("error")}
     todo = [s for k, s in enumerate(items) if k % world == rank and s.id not in done]
     if not todo:
         return 0
-    if before_first is not None:
+    if before_first is not None and any(isinstance(s, Sample) for s in todo):
         before_first(items)
     writer = ResultWriter(task_dir / f"{config_key(method, budget)}.part{rank}.jsonl")
     if method == FULL:
         gen.configure(method, budget, seed)
     else:
         gen.configure(method, budget, seed, params or None)
-    mnt = max_new_tokens or task.max_new_tokens
+    mnt = max_new_tokens if max_new_tokens is not None else task.max_new_tokens
+    recorded = apply_params(method, budget, seed, params)
     scores: list[float] = []
     bar = tqdm(total=len(todo), desc=f"{task.name} {config_key(method, budget)}", disable=not progress, leave=False)
     n_done = 0
@@ -500,7 +758,8 @@ def run_task_config(task: Task, items: Sequence[Sample | BadRecord], gen: Genera
                     row = {**_base_row(s, method, budget), "answer": o.text, "score": score, "target": s.target,
                            "meta": s.meta, "n_before": o.n_before, "n_kept": o.n_kept, "ttft_s": o.ttft_s,
                            "decode_tps": o.decode_tps, "peak_mem_mb": o.peak_mem_mb,
-                           "n_new_tokens": o.n_new_tokens, "batch_size": len(ok), "error": None}
+                           "n_new_tokens": o.n_new_tokens, "batch_size": len(ok), "params": recorded,
+                           "max_new_tokens": mnt, "error": None}
                     writer.write(row)
             n_done += len(batch)
             bar.update(len(batch))
@@ -530,11 +789,36 @@ def _library_methods() -> list[str]:
     return list(vlmdrop.methods())
 
 
-def _check_methods(requested: Sequence[str], available: Sequence[str]) -> None:
+def _check_methods(requested: Sequence[str], available: Sequence[str],
+                   method_args: dict[str, dict[str, Any]] | None = None) -> None:
     valid = [FULL] + list(available)
     bad = [m for m in requested if m not in valid]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; valid methods: {', '.join(valid)}")
+    for name in method_args or {}:
+        if name not in valid:
+            raise ValueError(f"unknown method {name!r} in --method-args; valid methods: {', '.join(valid)}")
+        if name not in requested:
+            raise ValueError(f"--method-args has parameters for {name!r}, which is not in --method "
+                             f"({', '.join(requested)}); add it to --method or drop its parameters")
+
+
+def check_configs_on_model(gen: Generator, configs: Sequence[tuple[str, float]], seed: int,
+                           method_args: dict[str, dict[str, Any]]) -> None:
+    """Apply every configuration to the loaded model and remove it again, so that a parameter the
+    model cannot take (e.g. PyramidDrop's default layers on a 3-layer LM) stops the run before the
+    first sample instead of after the full model's pass. The model is left unmodified."""
+    try:
+        for method, budget in configs:
+            if method == FULL:
+                continue
+            try:
+                gen.configure(method, budget, seed, method_args.get(method) or None)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{config_key(method, budget)} cannot be applied to this model: {e}") from e
+    finally:
+        gen.configure(FULL, 1.0, seed)
+    log.info("checked %d configuration(s) against the model", sum(m != FULL for m, _ in configs))
 
 
 def run_eval(cfg: EvalConfig, generator: Generator | None = None) -> dict[str, Path]:
@@ -544,17 +828,23 @@ def run_eval(cfg: EvalConfig, generator: Generator | None = None) -> dict[str, P
     """
     from . import report
 
+    cfg.validate()
     dist = _Dist()
     tasks = [get_task(t) for t in cfg.tasks]
     configs = configurations(cfg.methods, cfg.budgets)
     if generator is None and not (cfg.model or "").startswith("py:"):
-        _check_methods(cfg.methods, _library_methods())  # before a possibly long model load
+        _check_methods(cfg.methods, _library_methods(), cfg.method_args)  # before a possibly long model load
     out = Path(cfg.out)
-    _check_run_meta(out, cfg, dist)
-    dist.barrier()
+    check_out_dir(out, [t.name for t in tasks])
+    # every process checks (read only); the main one writes the record once the run can start
+    record = merge_run_record(out, read_run_record(out), run_record(cfg, configs))
     loaded = {t.name: t.load(_data_dir_for(cfg.data, t), cfg.limit) for t in tasks}  # data errors first
     gen = generator if generator is not None else load_generator(cfg.model, dist.device)
-    _check_methods(cfg.methods, gen.method_names())
+    _check_methods(cfg.methods, gen.method_names(), cfg.method_args)
+    check_configs_on_model(gen, configs, cfg.seed, cfg.method_args)
+    if dist.main:
+        write_run_record(out, record)
+    dist.barrier()
     warm = [False]
 
     def warmup(items: Sequence[Sample | BadRecord]) -> None:
@@ -575,5 +865,6 @@ def run_eval(cfg: EvalConfig, generator: Generator | None = None) -> dict[str, P
     paths: dict[str, Path] = {}
     if dist.main and cfg.report:
         for t in tasks:
-            paths[t.name] = report.write_report(t, out, configs, expected=[s.id for s in loaded[t.name]])
+            paths[t.name] = report.write_report(t, out, configs, expected=[s.id for s in loaded[t.name]],
+                                                params=record["configs"])
     return paths

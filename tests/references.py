@@ -11,8 +11,9 @@ the decoder layers, the open_clip blocks).
   the LLM should see, with contiguous positions).
 * `internvl_post_shuffle`: InternVL's post-shuffle tensors (projector input, CLS attention and keys pooled
   over 2x2 source patches) for the selection checks.
-* LLM stage: `llm_plan` (FastV's / PyramidDrop's schedule and counts), `llm_stage_reference` (on the eager
-  model, the last prompt token's attention in layer K-1 ranks each image's tokens; the dropped ones are
+* LLM stage: `llm_plan` (FastV's / PyramidDrop's schedule, counts and ranking layer), `llm_stage_reference`
+  (on the eager model, the last prompt token's attention in layer K-1, or in layer K before the drop, ranks
+  each image's tokens; the dropped ones are
   masked out as keys of every layer >= K, positions kept or renumbered), `MaskedLM` (that masking).
 * `sample_reference`: both stages for one sample: logits, the next step on the returned cache, greedy
   `generate`.
@@ -239,11 +240,14 @@ class LLMPlan:
     layers: tuple[int, ...]
     keep: Callable[[int, int, int], int]  # (stage, image tokens entering the LLM, still present) -> kept
     positions: str = "original"
+    score: str = "previous"  # the drop at K is ranked by layer K-1 ("previous") or by layer K itself ("current")
 
 
 def llm_plan(method: str, params: dict) -> LLMPlan:
-    """The documented rules: FastV keeps round(keep * n) (at least 1) or min(keep, n) from `layer` on;
-    PyramidDrop keeps round(n * r_0 * ... * r_s) after boundary s."""
+    """The documented rules: FastV keeps round(keep * n) (at least 1) or min(keep, n) from `layer` on, ranked
+    by layer K-1's attention; PyramidDrop keeps round(n * r_0 * ... * r_s) after boundary s, ranked by layer
+    K's own attention on its input before the drop (`score_layer="current"`, the official rule) or by
+    layer K-1's (`score_layer="previous"`)."""
     positions = params.get("positions", "original")
     if method == "fastv":
         keep = params.get("keep", 0.5)
@@ -258,7 +262,7 @@ def llm_plan(method: str, params: dict) -> LLMPlan:
 
         def pdrop(stage: int, n: int, present: int) -> int:
             return min(present, max(1, round(n * math.prod(ratios[: stage + 1]))))
-        return LLMPlan(layers, pdrop, positions)
+        return LLMPlan(layers, pdrop, positions, params.get("score_layer", "current"))
     raise ValueError(f"method={method!r} is no LLM-stage method")
 
 
@@ -321,7 +325,9 @@ class MaskedLM:
 def llm_stage_reference(model: nn.Module, emb: torch.Tensor, spans: list[torch.Tensor],
                         plan: LLMPlan) -> tuple[MaskedLM, list[torch.Tensor]]:
     """Stage by stage on the eager `model` (one sample, `emb` (1, L, D)): the last token's attention
-    probabilities in layer K-1 (mean over heads) rank each image's present tokens; its top `plan.keep` stay.
+    probabilities (mean over heads) in layer K-1, or in layer K itself while only the earlier stages' drops
+    are masked (`plan.score == "current"`: layer K on its input before the drop), rank each image's present
+    tokens; its top `plan.keep` stay.
     Returns the masking (a context manager) and, per image, the indices into its span that survive."""
     present = [torch.arange(len(s)) for s in spans]
     ref = MaskedLM(model, plan)
@@ -331,7 +337,8 @@ def llm_stage_reference(model: nn.Module, emb: torch.Tensor, spans: list[torch.T
         def grab(module, args, out):  # returns None: the output goes on unchanged
             seen.setdefault("w", out[1])
 
-        hook = model.model.language_model.layers[k - 1].self_attn.register_forward_hook(grab)
+        scorer = k - 1 if plan.score == "previous" else k
+        hook = model.model.language_model.layers[scorer].self_attn.register_forward_hook(grab)
         try:
             with torch.no_grad(), ref:
                 model(inputs_embeds=emb)

@@ -119,6 +119,7 @@ def test_logit_capture_softmaxes_to_eager_attention():
     cap = ClsRowCapture({"score": layer, "attn": layer}, num_heads=layer.num_heads, scale=layer.scale,
                         logit_roles=("score",))
     try:
+        cap.begin()  # the hooks record between begin() and end() (the adapter brackets each encode)
         with torch.no_grad():
             out = model.model.vision_tower(pixel_values=inputs["pixel_values"][0], output_attentions=True)
         rows = cap.take()

@@ -39,6 +39,31 @@ def test_content_box_from_layout():
     assert content_box_from_layout(crop_of, local, crop_hw=(2, 2), grid_hw=(1, 2)) == (1, 0, 1, 4)
 
 
+def test_content_box_when_unpadding_removes_the_grid():
+    # 1x3 grid of 2x2 crops (full grid 2x6), a picture thinner than one patch row: no position, no newline
+    base_only = torch.zeros(4, dtype=torch.long)
+    assert content_box_from_layout(base_only, torch.arange(4), crop_hw=(2, 2), grid_hw=(1, 3)) == (1, 0, 0, 6)
+    # 3x1 grid (full grid 6x2), thinner than one patch column: every row survives as a bare newline
+    crop_of = torch.tensor([0] * 4 + [-1] * 6)
+    local = torch.tensor([0, 1, 2, 3] + [-1] * 6)
+    assert content_box_from_layout(crop_of, local, crop_hw=(2, 2), grid_hw=(3, 1)) == (0, 1, 6, 0)
+    with pytest.raises(ValueError, match="no sub-image positions but 3 layout rows.*0 or 6"):
+        content_box_from_layout(crop_of[:7], local[:7], crop_hw=(2, 2), grid_hw=(3, 1))
+
+
+def test_region_map_of_a_collapsed_box():
+    # the empty box still maps the base image along its full axis: columns -> crops 0, 1, 2 of a 1x3 grid
+    m = base_region_map(crop_hw=(3, 3), grid_hw=(1, 3), content_box=(1, 0, 0, 9)).reshape(3, 3)
+    assert m.tolist() == [[0, 1, 2]] * 3
+    m = base_region_map(crop_hw=(3, 3), grid_hw=(3, 1), content_box=(0, 1, 9, 0)).reshape(3, 3)
+    assert m.tolist() == [[0] * 3, [1] * 3, [2] * 3]
+    # a 2x2 grid collapsed in height: every base row maps to the crop row where unpadding cut (row 3 of 6 -> 1)
+    m = base_region_map(crop_hw=(3, 3), grid_hw=(2, 2), content_box=(3, 0, 0, 6)).reshape(3, 3)
+    assert m.tolist() == [[2, 3, 3]] * 3  # column centres 1, 3, 5 of 6 -> crop columns 0, 1, 1
+    with pytest.raises(ValueError, match="content_box"):
+        base_region_map(crop_hw=(3, 3), grid_hw=(2, 2), content_box=(3, 3, 0, 0))
+
+
 def test_region_scores_sum_inside_regions():
     attn = torch.tensor([0.1, 0.2, 0.3, 0.4])
     region = torch.tensor([0, 1, 1, 2])

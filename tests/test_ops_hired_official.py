@@ -44,6 +44,16 @@ def test_no_sub_budget():
     assert official_crop_budgets(attn, n_sub=4, total_budget=4, alpha=1.0) == [4, 0, 0, 0, 0]
 
 
+def test_no_sub_budget_any_band_split():
+    # N=10 is not divisible into 4 or 3 bands, but with a zero sub-image budget the official code
+    # never splits the base grid (MLN L549): the base keeps its share, every sub-image 0.
+    assert official_crop_budgets(torch.rand(10), n_sub=4, total_budget=6, alpha=1.0) == [6, 0, 0, 0, 0]
+    assert official_crop_budgets(torch.rand(10), n_sub=3, total_budget=10, alpha=1.0) == [10, 0, 0, 0]
+    assert official_crop_budgets(torch.rand(10), n_sub=3, total_budget=0, alpha=0.5) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="N=10.*sub-image budget 1"):  # base min(11, 10) = 10, sub 1 > 0
+        official_crop_budgets(torch.rand(10), n_sub=3, total_budget=11, alpha=1.0)
+
+
 def test_errors_carry_values():
     with pytest.raises(ValueError, match="N=10"):
         official_crop_budgets(torch.rand(10), n_sub=4, total_budget=8, alpha=0.5)

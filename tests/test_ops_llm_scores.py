@@ -66,6 +66,12 @@ def test_last_token_attention_equals_eager_row(kv_heads):
                                    num_heads=4, num_kv_heads=kv_heads, scale=attn.scaling)
     torch.testing.assert_close(got_mid, weights[:, :, 5].mean(dim=1), atol=1e-6, rtol=1e-5)
 
+    # only the query rows projected (PyramidDrop's rule projects one query per sample): the same row
+    rows = attn.q_proj(x[torch.arange(b), mid]).detach()  # (B, H*D)
+    got_rows = last_token_attention(rows, cap["k"], cos=cos, sin=sin, query_index=mid, key_mask=key_mask,
+                                    num_heads=4, num_kv_heads=kv_heads, scale=attn.scaling)
+    torch.testing.assert_close(got_rows, weights[:, :, 5].mean(dim=1), atol=1e-6, rtol=1e-5)
+
 
 def test_last_token_attention_rejects_bad_shapes():
     q, k = torch.randn(1, 5, 16), torch.randn(1, 5, 8)

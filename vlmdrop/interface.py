@@ -154,7 +154,7 @@ class LLMMethod:
 
     The engine (`vlmdrop.adapters.llm_stage`) asks it where to drop (`drop_layers`), how many tokens
     of an image survive each drop (`n_keep`), and which (`select`); the scores are the attention the
-    last prompt token pays each key in the layer just before the drop, averaged over heads.
+    last prompt token pays each key, averaged over heads, in the layer `score_layer` names.
     """
 
     def __init__(self, config: MethodConfig) -> None:
@@ -164,6 +164,12 @@ class LLMMethod:
     def positions(self) -> str:
         """`"original"` (kept tokens keep their RoPE positions) or `"compact"` (renumbered contiguously)."""
         return getattr(self.config, "positions", "original")
+
+    @property
+    def score_layer(self) -> str:
+        """Whose attention ranks the drop at layer K: `"previous"` (layer K−1's, as it ran) or
+        `"current"` (layer K's own q/k on its input, before the drop)."""
+        return getattr(self.config, "score_layer", "previous")
 
     def drop_layers(self, num_layers: int) -> list[int]:
         """Decoder layers (0-based, ascending) at whose input tokens are removed; validated against

@@ -2,8 +2,13 @@
 
 At decoder layer K (default 2) the image tokens are ranked by the attention the last prompt token
 pays them in layer K−1, averaged over heads; from layer K on only the top ones remain.  As in the
-official code (pkunlp-icler/FastV, `modeling_llama.py`: `keep_indexs` fed back as `position_ids`),
-kept tokens keep their RoPE positions by default (`positions="original"`).
+official code (pkunlp-icler/FastV: `keep_indexs` fed back as `position_ids` in
+`src/transformers/src/transformers/models/llama/modeling_llama.py`,
+`src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py` (`fastv_forward`) and
+`src/FastV/lmms-eval/fastv_kvcache.py`), kept tokens keep their RoPE positions by default
+(`positions="original"`).  Counts: `round(keep · n)` here, as `fastv_forward`'s
+`round(n · (1 − fastv_r))`; `fastv_kvcache.py` floors (`int(576 · ratio)`), the first file takes an absolute
+`fast_v_attention_rank`.
 """
 
 from __future__ import annotations

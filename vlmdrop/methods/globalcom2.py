@@ -19,6 +19,7 @@ keeps its top tokens by the score.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,8 @@ class GlobalCom2Config(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t != t or t == float("inf"):
-            raise ValueError(f"temperature={t!r} must be a finite number > 0")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf") or t > sys.float_info.max:
+            raise ValueError(f"temperature={t!r} must be a finite number > 0")  # (an int beyond float range too)
         if isinstance(self.score_layer, bool) or not isinstance(self.score_layer, int):
             raise ValueError(f"score_layer={self.score_layer!r} must be an int layer index")
 
@@ -121,6 +122,8 @@ def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[in
         r = (j // gw) * h + local // w  # (n,) stitched-grid rows
         q = (j % gw) * w + local % w  # (n,) stitched-grid cols
         spans[c] = (int(r.min()), int(r.max()) + 1, int(q.min()), int(q.max()) + 1)
+    if not spans:  # unpadding left no sub-image position (extreme aspect ratio): nothing to score
+        return {}
     top = min(s[0] for s in spans.values())
     bottom = max(s[1] for s in spans.values())
     left = min(s[2] for s in spans.values())

@@ -95,13 +95,21 @@ class Hired(VisionMethod):
 
     def _official(self, image: ImageTokens, feature: torch.Tensor) -> Selection:
         """The published code's rule (see `vlmdrop.ops.hired_official`): budget over padded crops,
-        count-based row-band shares, floors, no newline rows, tokens chosen in padding discarded."""
+        count-based row-band shares, floors, no newline rows, tokens chosen in padding discarded.
+
+        At rate 1.0 the official code does not run HiRED at all (`token_budget_rate < 1.0` guards it,
+        MLN L989; an all-ones mask otherwise): every crop keeps all its unpadded tokens, budget N per
+        crop, still without newline rows.  On LLaVA-1.5 the official code scores the whole batch
+        with image 0's CLS attention and applies that one mask to every image (its ML L347, L547);
+        here each image uses its own (the same at batch size 1)."""
         if image.n_crops > 1 and image.base_crop != 0:
             raise ValueError(f"mode='official-code' reproduces the LLaVA code base (base image first); this image's "
                              f"base crop is {image.base_crop} of {image.n_crops} (InternVL): use mode='paper'")
         h, w = image.crop_hw
         n, rate, alpha = h * w, float(self.config.budget), float(self.config.alpha)
-        if image.n_crops == 1:  # LLaVA-1.5's code path: top int(N * rate), no alpha
+        if rate >= 1.0:  # the official code skips HiRED (an all-ones mask): every unpadded token, no newline
+            budgets = [n] * image.n_crops
+        elif image.n_crops == 1:  # LLaVA-1.5's code path: top int(N * rate), no alpha
             budgets = [min(n, int(n * rate))]
         else:
             total = OF.official_total_budget(image.n_crops, tokens_per_crop=n, rate=rate)

@@ -5,11 +5,16 @@ The decoder is cut into stages at `layers` (default 8, 16, 24); at each boundary
 instruction token pays them, averaged over heads.  Stage s therefore keeps
 `round(n · r_0 · … · r_s)` of an image's `n` tokens (the official code floors; see README).
 
-Differences from the official code (Cooperx521/PyramidDrop, `modeling_llama_pdrop.py`), documented
-in the README: the official code recomputes the boundary layer K's own q/k projections on its input
-(one extra projection of the whole sequence); vlmdrop scores with the attention of layer K−1, the
-last layer of the finishing stage, captured from its own projections (no extra work).  The official
-code renumbers positions contiguously after each drop: use `positions="compact"` for that.
+Ranking (`score_layer`), against the official code (Cooperx521/PyramidDrop, commit 6444f30,
+`llava/model/modeling_llama_pdrop.py`): after decoder layer K−1 has run, `pdrop_forward` (l. 1222,
+`rank_layer = layer_idx+1`) calls `pdrop_rank_drop`, which applies layer K's own `input_layernorm`,
+`q_proj`, `k_proj` and RoPE to layer K's input (l. 1322-1342), takes the last instruction token's
+softmax row, mean over heads (l. 1391-1399), keeps the top tokens (l. 1405) and hands the reduced
+sequence to the loop, so layer K itself already runs on it.  `score_layer="current"` (default) does
+exactly that (one extra key projection of the sequence and one query row per sample at each
+boundary); `score_layer="previous"` ranks with the attention layer K−1 computed (no extra work, the
+FastV rule).  The official code renumbers positions contiguously after each drop (l. 1446): use
+`positions="compact"` for that.
 """
 
 from __future__ import annotations
@@ -21,16 +26,20 @@ from ..interface import LLMMethod, MethodConfig
 from ..registry import register_method
 from .fastv import validate_layer_count, validate_positions
 
+SCORE_LAYERS = ("current", "previous")
+
 
 @dataclass(frozen=True)
 class PDropConfig(MethodConfig):
     """Parameters of PyramidDrop.
 
     layers: stage boundaries, strictly increasing decoder layer indices K >= 1; tokens are dropped at
-        the input of each (scored by layer K−1).
+        the input of each.
     ratio: fraction of the image tokens still present kept at each boundary: one float in (0, 1] for
         every stage, or one per boundary.
     positions: "original" (kept tokens keep their RoPE positions) or "compact" (as the official code).
+    score_layer: "current" (the official rule: layer K's own q/k on its input, before the drop) or
+        "previous" (layer K−1's attention, as it ran).
     """
 
     stage: ClassVar[str] = "llm"
@@ -38,6 +47,7 @@ class PDropConfig(MethodConfig):
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float | tuple[float, ...] = 0.5
     positions: str = "original"
+    score_layer: str = "current"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,10 +66,12 @@ class PDropConfig(MethodConfig):
         ratios = ratio if isinstance(ratio, tuple) else (ratio,) * len(layers)
         if len(ratios) != len(layers):
             raise ValueError(f"ratio={self.ratio!r} has {len(ratios)} values but layers={self.layers!r} has {len(layers)}")
-        for r in ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+        for r in ratios:  # compared as they are: float() of a huge int would overflow
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
                 raise ValueError(f"ratio={self.ratio!r}: every ratio must be a number in (0, 1], got {r!r}")
         validate_positions(self.positions)
+        if self.score_layer not in SCORE_LAYERS:
+            raise ValueError(f"score_layer={self.score_layer!r} is not valid; choose one of: {', '.join(SCORE_LAYERS)}")
 
     def ratios(self) -> tuple[float, ...]:
         r = self.ratio
@@ -68,12 +80,18 @@ class PDropConfig(MethodConfig):
 
 @register_method("pdrop", PDropConfig)
 class PDrop(LLMMethod):
-    """PyramidDrop: at each stage boundary keep `ratio` of the image tokens still present."""
+    """PyramidDrop: at each stage boundary K keep `ratio` of the image tokens still present, ranked by
+    layer K's own attention on its input (official) or layer K−1's."""
 
 
     def drop_layers(self, num_layers: int) -> list[int]:
         layers = list(self.config.layers)
-        validate_layer_count(layers, num_layers, what="layers")
+        if self.config.score_layer == "previous":
+            validate_layer_count(layers, num_layers, what="layers")
+        for k in layers:  # as the official code: a boundary follows a layer and precedes one
+            if not 1 <= k < num_layers:
+                raise ValueError(f"layers={k} is out of range for a language model with {num_layers} decoder layers "
+                                 f"(valid: 1..{num_layers - 1})")
         return layers
 
     def n_keep(self, stage: int, n_before: int, n_present: int) -> int:

@@ -10,14 +10,16 @@ from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..registry import register_method
 from .common import select_per_crop, shares_by_size
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
 
 @dataclass(frozen=True)
 class RandomConfig(MethodConfig):
     """Parameters of random dropping.
 
     budget: fraction (float in (0, 1]) or count (int >= 1) of each image's visual positions to keep.
-    seed: seed of the generator; the same seed and inputs keep the same tokens.  The generator is
-        re-seeded at every prefill and draws images in batch order.
+    seed: seed of the generator, an int in [0, 2**64 - 1]; the same seed and inputs keep the same
+        tokens.  The generator is re-seeded at every prefill and draws images in batch order.
     """
 
     budget: float | int = 0.2
@@ -25,8 +27,8 @@ class RandomConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an int")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed={self.seed!r} must be an int in [0, 2**64 - 1] (torch.Generator's seed range)")
 
 
 @register_method("random", RandomConfig)

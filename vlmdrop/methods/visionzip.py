@@ -26,6 +26,7 @@ the Hugging Face models, so the 64 rows here are all patch-derived.)
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ class VisionZipConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         r = self.ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r < float("inf")):
+        if (isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r < float("inf"))
+                or r > sys.float_info.max):  # an int beyond float range would overflow float(ratio) at prefill
             raise ValueError(f"ratio={r!r} must be a finite number > 0 (dominant : contextual, e.g. 5.4 = 54 : 10)")
 
 

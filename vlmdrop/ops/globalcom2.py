@@ -24,7 +24,14 @@ Official-code details not reproduced here (they belong to the model glue; listed
     were positions in the full 24x24 crop grid (LA L247, L358-361), so for crops that contain
     padding the kept features land at shifted grid positions;
   - newline: one per row of the *padded* stitched grid, all kept (LA L372-383);
-  - batch: the thumbnail scores are always taken from the first image of the batch (LA L418).
+  - batch: the scores of every crop of every image are one concatenated tensor (LA L403, thumbnails
+    included); the loop over images reads the thumbnail score as its row 0 (LA L418), then drops one
+    row (LA L430, `cls_attn_scores = cls_attn_scores[1:]`), and compress_crops reads the crops' local
+    scores as the first n_sub rows of what is left (LA L332). So image j of the batch (0-based, every
+    image multi-crop) scores its thumbnail, and derives its crop retention ratios (LA L425), from row
+    j of the concatenated scores, and its crops from rows j+1 .. j+n_sub_j; these are its own rows
+    only for j = 0 (for j >= 1, row j is in general a sub-image of image 0). The features are each
+    image's own; only the scores are shifted. Correct at batch size 1.
 """
 
 from __future__ import annotations

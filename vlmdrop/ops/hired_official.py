@@ -7,7 +7,22 @@ file transformers/src/transformers/models/llava_next/modeling_llava_next.py (cal
   - HiRED_token_selection                         MLN L518-559 (total / base / sub-image budgets)
   - HiRED_sub_img_budgets                         MLN L490-516 (count-based shares, row bands, floor)
   - pack_HiRED_image_features                     MLN L782-862 (masking, unpad, no newline tokens)
-See NOTES-hired-official.md for the full account.
+and, for LLaVA-1.5, transformers/src/transformers/models/llava/modeling_llava.py ("ML"):
+  - LlavaForConditionalGeneration.HiRED_token_selection  ML L340-354 (top int(N * rate), no alpha)
+  - LlavaForConditionalGeneration.forward                ML L505-551 (layer 22; the mask at L547)
+
+What the official code does around these functions (reproduced by `vlmdrop.methods.hired`):
+  - rate >= 1.0: HiRED is skipped (MLN L989, ML L533) and an all-ones mask is used, so every
+    unpadded token is kept; on LLaVA-NeXT still without newline tokens (MLN L1011).
+  - packing (MLN L782-862): the per-crop boolean masks are stitched and unpadded exactly like the
+    features, so a token chosen in a padded area of a sub-image is removed after the choice
+    (an image keeps fewer than its budget); no `image_newline` is inserted.
+  - LLaVA-1.5 batches (ML L347, L547): the CLS row is taken from image 0 of the batch
+    (`bottom_layer_attn[0, ...]`) and the one resulting mask is applied to every image, so all images
+    of a batch keep image 0's token positions. vlmdrop's compatibility mode scores each image with its
+    own attention (identical at batch size 1, which the published benchmark scripts use:
+    `--batch_size 1` in accuracy_benchmarks/llava_1.5_7b.sh).
+    The LLaVA-NeXT path selects per image (MLN L534-558).
 
 Paper (arXiv 2408.10945, Eq. 1-2, Alg. 1) vs official code, in short:
   paper: sub-image share ~ sum of first-layer CLS attention over the base-image tokens inside the
@@ -64,16 +79,16 @@ def official_crop_budgets(
     regions, floor instead of rounding (sum b_i <= sub; the remainder is lost), cap at N without
     redistribution. Ties in the layer-0 top-k are resolved by torch.topk (unspecified order).
 
-    Raises ValueError where the official code would crash or produce garbage: N not divisible
-    by n_sub (its reshape fails), or an empty `top` set while sub > 0 (its 0/0 gives NaN).
+    When sub = 0 the official code skips the sub-image step, so `[base, 0, ..., 0]` is returned
+    for any N and n_sub. Raises ValueError where the official code would crash or produce garbage
+    with sub > 0: N not divisible by n_sub (its reshape fails), or an empty `top` set (its 0/0
+    gives NaN).
     """
     if first_layer_cls_attn_base.dim() != 1:
         raise ValueError(f"first_layer_cls_attn_base must be (N,), got shape {tuple(first_layer_cls_attn_base.shape)}")
     n = first_layer_cls_attn_base.shape[0]
     if n_sub < 1:
         raise ValueError(f"n_sub must be >= 1, got {n_sub}")
-    if n % n_sub != 0:
-        raise ValueError(f"official HiRED splits the base grid into {n_sub} equal raster bands; N={n} is not divisible")
     if total_budget < 0:
         raise ValueError(f"total_budget must be >= 0, got {total_budget}")
     if not 0.0 <= alpha <= 1.0:
@@ -81,8 +96,11 @@ def official_crop_budgets(
 
     base = min(int(total_budget * alpha), n)
     sub = min(total_budget - base, n_sub * n)
-    if sub <= 0:
+    if sub <= 0:  # the official code never calls HiRED_sub_img_budgets then (MLN L549)
         return [base] + [0] * n_sub
+    if n % n_sub != 0:
+        raise ValueError(f"official HiRED splits the base grid into {n_sub} equal raster bands; N={n} is not "
+                         f"divisible (sub-image budget {sub})")
     n_top = int(n * (1 - alpha))
     if n_top == 0:
         raise ValueError(f"alpha={alpha} leaves int(N*(1-alpha))=0 first-layer tokens to count, but the "
@@ -104,7 +122,7 @@ def official_select(feature_layer_cls_attn: Tensor, budgets: list[int]) -> list[
     Returns n_crops LongTensors (b_i,), ascending (the official code builds a boolean mask, so the
     kept tokens keep their raster order). This is the same rule as the paper's in-partition
     selection; what differs afterwards (unpadding of the sub-image mask, no newline tokens) is
-    the packing step, described in NOTES-hired-official.md.
+    the packing step (MLN L782-862), described in the module docstring.
     """
     if feature_layer_cls_attn.dim() != 2:
         raise ValueError(f"feature_layer_cls_attn must be (n_crops, N), got shape {tuple(feature_layer_cls_attn.shape)}")

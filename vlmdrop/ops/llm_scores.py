@@ -20,7 +20,8 @@ def last_token_attention(q_proj_out: torch.Tensor, k_proj_out: torch.Tensor, *, 
     """Attention of one query position per sample over all keys, averaged over heads.
 
     Args:
-        q_proj_out: (B, N, H * D) the layer's query projection.
+        q_proj_out: (B, N, H * D) the layer's query projection, or (B, H * D): only the query rows
+            (the projection of the `query_index` tokens, e.g. computed for those rows alone).
         k_proj_out: (B, N, Hkv * D) the layer's key projection.
         cos, sin: (B or 1, N, D) the position embeddings the layer received.
         query_index: (B,) position of the query token in each row (e.g. the last prompt token).
@@ -32,7 +33,11 @@ def last_token_attention(q_proj_out: torch.Tensor, k_proj_out: torch.Tensor, *, 
     Returns:
         (B, N) float32: the mean over heads of the softmax row; 0 at masked keys.
     """
-    b, n, qd = q_proj_out.shape
+    if q_proj_out.dim() == 2:
+        b, qd = q_proj_out.shape
+        n = k_proj_out.shape[1]
+    else:
+        b, n, qd = q_proj_out.shape
     if qd % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"query width {qd} / num_heads={num_heads} / num_kv_heads={num_kv_heads} do not divide")
     d = qd // num_heads
@@ -42,7 +47,8 @@ def last_token_attention(q_proj_out: torch.Tensor, k_proj_out: torch.Tensor, *, 
         raise ValueError(f"key_mask {tuple(key_mask.shape)} / query_index {tuple(query_index.shape)} must be {(b, n)} / {(b,)}")
     rows = torch.arange(b, device=q_proj_out.device)
     qi = query_index.to(q_proj_out.device)
-    q = q_proj_out[rows, qi].reshape(b, 1, num_heads, d)  # (B, 1, H, D)
+    q_rows = q_proj_out if q_proj_out.dim() == 2 else q_proj_out[rows, qi]  # (B, H*D)
+    q = q_rows.reshape(b, 1, num_heads, d)  # (B, 1, H, D)
     k = k_proj_out.reshape(b, n, num_kv_heads, d)  # (B, N, Hkv, D)
     if q_norm is not None:
         q = q_norm(q)
