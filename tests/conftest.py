@@ -60,18 +60,22 @@ def _build_open_clip(family: str):
     return open_clip.create_model(name, pretrained=None).eval(), None
 
 
-def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, **config):
     """The one model cache of the suite: (model, processor) of a tiny random-weight model, built once per
-    (family, attention backend, dtype).  Same seed for every backend and dtype, so the eager and the sdpa
-    model hold the same weights; a bf16 model is its own copy (a round trip would change the fp32 weights).
+    (family, attention backend, dtype, config).  Same seed for every backend and dtype, so the eager and the
+    sdpa model hold the same weights; a bf16 model is its own copy (a round trip would change the fp32 weights).
+    `config`: other arguments of the `vlmdrop.zoo.tiny` builder (seed, vision_layers, text_layers, ...) for a
+    model configured differently from the shared one.
 
     Families: "llava", "llava_next", "internvl", "internvl_qknorm" (qk-norm ViT), with `TEXT_LAYERS` decoder
     layers; open_clip towers "open_clip", "open_clip_qknorm" (qk-norm, avg pool), "open_clip_rn" (ResNet:
     unsupported) with processor None (their attention is their own: pass attn="native").
     """
-    key = (family, attn, dtype)
+    key = (family, attn, dtype, tuple(sorted(config.items())))
     if key not in _CACHE:
         if family in OPEN_CLIP_CONFIGS:
+            if config:
+                raise ValueError(f"config={config!r}: open_clip towers take no builder arguments")
             if attn != "native":
                 raise ValueError(f"attn={attn!r}: open_clip towers have one attention implementation, 'native'")
             model, proc = _build_open_clip(family)
@@ -80,7 +84,7 @@ def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
                         "internvl_qknorm": lambda **kw: tiny_internvl(use_qk_norm=True, **kw)}
             if family not in builders:
                 raise ValueError(f"family={family!r}; valid: {sorted(builders) + sorted(OPEN_CLIP_CONFIGS)}")
-            model, proc = builders[family](text_layers=TEXT_LAYERS, attn_implementation=attn)
+            model, proc = builders[family](**{"text_layers": TEXT_LAYERS, **config}, attn_implementation=attn)
         if dtype != torch.float32:
             model = model.to(dtype)
         _CACHE[key] = (model, proc)

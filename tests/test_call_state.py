@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import vlmdrop
-from vlmdrop.zoo.tiny import tiny_internvl, tiny_llava, tiny_llava_next
 
-from conftest import batch
+from conftest import batch, get_model
 
 N_NEW = 5
 PROMPTS = {"llava": ["USER: <image>\nwhat is the shape ? ASSISTANT:",
@@ -29,16 +28,11 @@ METHODS = {
     "llm": ("fastv", {"layer": 1, "keep": 0.4}),
     "stacked": (["visionzip", "pdrop"], {"visionzip": {"budget": 0.5}, "pdrop": {"layers": [1, 2], "ratio": 0.5}}),
 }
-_MODELS: dict = {}
+SEEDS = {"llava": 11, "llava_next": 12, "internvl": 13}
 
 
 def model_of(family):
-    if family not in _MODELS:
-        build = {"llava": lambda: tiny_llava(seed=11, vision_layers=4, text_layers=3),
-                 "llava_next": lambda: tiny_llava_next(seed=12, vision_layers=4, text_layers=3),
-                 "internvl": lambda: tiny_internvl(seed=13, vision_layers=4, text_layers=3)}[family]
-        _MODELS[family] = build()
-    return _MODELS[family]
+    return get_model(family, seed=SEEDS[family], vision_layers=4, text_layers=3)
 
 
 def _inputs(family, proc, sizes, seed):

@@ -10,22 +10,16 @@ import pytest
 import torch
 
 import vlmdrop
-from vlmdrop.zoo.tiny import tiny_internvl, tiny_llava, tiny_llava_next
 
-from conftest import batch
+from conftest import batch, get_model
 
 N_NEW = 5
 SIZES = [(60, 130), (90, 50)]
-_MODELS: dict = {}
+SEEDS = {"llava": 21, "llava_next": 22, "internvl": 23}
 
 
 def model_of(family):
-    if family not in _MODELS:
-        build = {"llava": lambda: tiny_llava(seed=21, text_layers=3),
-                 "llava_next": lambda: tiny_llava_next(seed=22, text_layers=3),
-                 "internvl": lambda: tiny_internvl(seed=23, text_layers=3)}[family]
-        _MODELS[family] = build()
-    return _MODELS[family]
+    return get_model(family, seed=SEEDS[family], text_layers=3)
 
 
 def _inputs(family, proc):

@@ -5,17 +5,11 @@ import pytest
 import torch
 
 import vlmdrop
-from vlmdrop.zoo.tiny import tiny_llava_next
 
-from conftest import batch
-
-_MODEL: dict = {}
-
+from conftest import batch, get_model
 
 def model_of():
-    if not _MODEL:
-        _MODEL["m"] = tiny_llava_next(seed=31, text_layers=3)
-    return _MODEL["m"]
+    return get_model("llava_next", seed=31, text_layers=3)
 
 
 def _hooks(model):
