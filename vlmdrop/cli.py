@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import re
 import statistics
@@ -22,7 +21,6 @@ from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger(__name__)
 
 #: LLaVA-1.5's short-answer VQA format, which the embedded model was trained on.
 DEFAULT_QUESTION = "what shape does the image contain?\nAnswer the question using a single word or phrase."
