@@ -66,10 +66,36 @@ def test_generate_answers_in_words(default, records):
     assert sum(w == r["answer"] for w, r in zip(words, recs)) >= 3, (words, [r["answer"] for r in recs])
 
 
-def test_evaluate_cli_prints_the_table(capsys, tmp_path):
+def test_evaluate_cli_prints_the_table(capsys, caplog, tmp_path):
+    caplog.set_level("INFO")
     rc = main(["--n", "12", "--methods", "hired,random", "--budgets", "0.1", "--json", str(tmp_path / "r.json")])
     assert rc == 0
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     assert "| full |" in out and "| hired@0.1 |" in out and "| random@0.1 |" in out
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"full", "hired@0.1", "random@0.1"} and res["random@0.1"]["kept_mean"] > 0
+    # a formatted table: every fraction with 3 decimals, the same numbers as the JSON
+    for name, r in res.items():
+        row = [line for line in out.splitlines() if line.startswith(f"| {name} |")][0].split(" | ")
+        assert row[1:5] == [f"{r[q]:.3f}" for q in ("shape", "color", "yes_no", "all")], row
+        assert row[5] == f"{r['shape'] / res['full']['shape']:.3f}" and row[7] == f"{r['touch']:.3f}", row
+    # a legend under the table, one progress bar per configuration on stderr, no raw result dicts
+    legend = out.split("| random@0.1 |")[1]
+    assert "touch:" in legend and "kept tokens:" in legend and "when missed:" in legend
+    for label in ("[1/3] full", "[2/3] hired@0.1", "[3/3] random@0.1"):
+        assert label in cap.err and "12/12" in cap.err
+    assert not any("{'shape'" in m for m in caplog.messages), caplog.messages
+
+
+def test_evaluate_cli_without_tqdm_logs_one_line_per_configuration(monkeypatch, capsys, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError, as without the extra
+    caplog.set_level("INFO", logger="vlmdrop.zoo.evaluate")
+    assert main(["--n", "12", "--methods", "hired", "--budgets", "0.1"]) == 0
+    cap = capsys.readouterr()
+    assert "| hired@0.1 |" in cap.out and "sample/s" not in cap.err
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlmdrop.zoo.evaluate"]
+    assert len(lines) == 2 and lines[0].startswith("[1/2] full: 12 samples in ") and \
+        lines[1].startswith("[2/2] hired@0.1: 12 samples in "), lines
