@@ -1,6 +1,9 @@
 """vlmdrop.zoo.train: a few steps end to end, the saved folder loads through from_pretrained /
 AutoProcessor, the early chance check stops a run, and the AnyRes tile mapping is right."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -150,11 +153,101 @@ def test_args_are_validated():
         TrainArgs(out="x", batch=0)
 
 
-def test_two_runs_of_the_same_command_give_the_same_weights(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    train(_args(a))
-    train(_args(b))
+class _Clock:
+    """Stands in for ``time`` in vlmdrop.zoo.train: the ``--minutes`` cap is reached after ``steps`` training steps
+    (one ``monotonic()`` call at the start, then one per step), so a run stops at a chosen step on any machine."""
+
+    def __init__(self, steps):
+        self.calls, self.steps = 0, steps
+
+    def monotonic(self):
+        self.calls += 1
+        return 0.0 if self.calls <= self.steps + 1 else 1e9
+
+
+def _weights(out):
     from safetensors.torch import load_file
 
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return load_file(out / "model.safetensors")
+
+
+def _same_weights(wa, wb):
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_runs_and_a_resumed_run_give_the_same_weights(tmp_path, monkeypatch):
+    import shutil
+
+    import vlmdrop.zoo.train as train_mod
+
+    # 3 + 3 steps, saves every 2, the chance checks on (thresholds 0: they pass) so a check row sits in stage B
+    kw = dict(steps_a=3, steps_b=3, check_at=0.5, check_shape=0.0, check_color=0.0)
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    assert train(_args(a, **kw))["finished"] and train(_args(b, **kw))["finished"]
+    assert _same_weights(_weights(a), _weights(b))
+    # the same command interrupted by the time cap mid stage A, at the A -> B switch and mid stage B (after the
+    # check), each time resumed by rerunning it
+    for steps, where in ((1, ("A", 1)), (2, ("B", 0)), (2, ("B", 2))):
+        monkeypatch.setattr(train_mod, "time", _Clock(steps))
+        result = train(_args(c, **kw))
+        assert (result["finished"], result["stage"], result["step"]) == (False, *where)
+        if where == ("A", 1):
+            shutil.copytree(c, d)
+    monkeypatch.undo()
+    assert train(_args(c, **kw))["finished"]
+    assert _same_weights(_weights(a), _weights(c))
+    # the loss EMA is part of the state: the resumed run's log is the uninterrupted run's, line for line
+    assert (c / "train_log.jsonl").read_text() == (a / "train_log.jsonl").read_text()
+    # the state holds only what torch.load(weights_only=True) reads
+    st = torch.load(c / "train_state.pt", weights_only=True)
+    assert st["format"] == 2 and (st["stage"], st["step"]) == ("B", 3)
+    # a state in the previous layout (no format key, log as a list, no EMA) that weights_only=True accepts resumes
+    old = torch.load(d / "train_state.pt", weights_only=True)
+    old["log"] = json.loads(old.pop("log_json"))
+    del old["format"], old["ema"]
+    torch.save(old, d / "train_state.pt")
+    assert train(_args(d, **kw))["finished"]
+    assert _same_weights(_weights(a), _weights(d))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("case", ["code", "numpy", "truncated", "format"])
+def test_a_state_that_weights_only_refuses_is_not_resumed(tmp_path, case, capsys):
+    from vlmdrop.zoo.train import StateError, main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "unpickled"
+    state = out / "train_state.pt"
+    if case == "code":  # a pickle that runs code when loaded with weights_only=False
+        torch.save({"model": {}, "stage": "A", "step": 0, "log": [_Payload(marker)]}, state)
+        match = r"refused by torch\.load\(weights_only=True\): it pickles \S+"
+    elif case == "numpy":  # a previous-format state whose log held a numpy number
+        torch.save({"model": {}, "heads": {}, "opt_a": {}, "opt_b": {}, "stage": "A", "step": 1,
+                    "log": [{"loss": np.float64(1.0)}]}, state)
+        match = r"it pickles numpy\S*scalar"
+    elif case == "truncated":
+        torch.save({"format": 2, "step": 1}, state)
+        state.write_bytes(state.read_bytes()[:40])
+        match = r"cannot be read as a training state"
+    else:
+        torch.save({"format": 9, "stage": "A", "step": 0}, state)
+        match = r"state format 9"
+    with pytest.raises(StateError, match=match) as err:
+        train(_args(out))
+    assert str(state) in str(err.value) and "start from scratch" in str(err.value)
+    assert not marker.exists() and not (out / "model.safetensors").exists()
+    # the CLI says the same and exits with 2
+    argv = ["--out", str(out), "--steps-a", "1", "--steps-b", "1", "--batch", "1", "--check-at", "0", "--no-progress"]
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err and not marker.exists()
+    if case == "code":  # the payload is real: the previous loader (weights_only=False) would have run it
+        torch.load(state, weights_only=False)
+        assert marker.exists()

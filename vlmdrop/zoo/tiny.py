@@ -28,13 +28,17 @@ from transformers import (
 )
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-WORDS = (
-    ["USER:", "ASSISTANT:", "what", "is", "the", "shape", "color", "colour", "in", "this", "image", "?", "a",
-     "an", "yes", "no", "does", "contain", "circle", "rectangle", "triangle", "red", "green", "blue", "black",
-     "gray", "yellow", "teal", "brown", "describe", "there", "picture", "how", "many", "of", "and", ".", ","]
-    + list(string.ascii_lowercase)
-    + [str(d) for d in range(10)]
-)
+_PROMPT_WORDS = [
+    "USER:", "ASSISTANT:", "what", "is", "the", "shape", "color", "colour", "in", "this", "image", "?", "a",
+    "an", "yes", "no", "does", "contain", "circle", "rectangle", "triangle", "red", "green", "blue", "black",
+    "gray", "yellow", "teal", "brown", "describe", "there", "picture", "how", "many", "of", "and", ".", ",",
+]
+#: Every word once: the single letters and digits not already listed ("a" is a prompt word).  A word
+#: listed twice would leave a hole in the ids, so the largest id would reach past the embedding.
+WORDS = _PROMPT_WORDS + [w for w in list(string.ascii_lowercase) + [str(d) for d in range(10)]
+                         if w not in _PROMPT_WORDS]
+
+
 def _chat_template(image_token: str) -> str:
     """USER/ASSISTANT chat template that writes `image_token` for each image."""
     return (
@@ -51,8 +55,16 @@ CHAT_TEMPLATE = _chat_template("<image>")
 
 def _word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], chat_template: str,
                     *, isolate: tuple[str, ...] = ("?",)) -> PreTrainedTokenizerFast:
-    """A left-padding word-level tokenizer over `specials + WORDS`, splitting off `isolate` strings."""
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    """A left-padding word-level tokenizer over `specials + WORDS`, splitting off `isolate` strings.
+
+    Ids are ``0 .. len(specials + WORDS) - 1``, so ``len(tokenizer)`` is the embedding size every id fits.
+    """
+    words = specials + WORDS
+    repeated = sorted({w for w in words if words.count(w) > 1})
+    if repeated:
+        raise ValueError(f"tokenizer vocabulary lists {repeated} more than once; ids would skip a number and the "
+                         f"largest ({len(words) - 1}) would not fit an embedding of len(tokenizer) rows")
+    vocab = {tok: i for i, tok in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit()] + [pre_tokenizers.Split(t, "isolated") for t in isolate])

@@ -22,7 +22,8 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
 Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` of the stage's
 stream (seeded), and every random choice is keyed on ``(seed, stage, t, j)``: resuming from the
 state saved in ``DIR/train_state.pt`` (every ``--save-every`` steps and at the ``--minutes`` cap)
-gives the same run.  Early checks abort when shape or colour accuracy on held-out samples is
+gives the same run.  The state holds only tensors, numbers and strings, and is read with
+``torch.load(weights_only=True)``: nothing in it is unpickled as code.  Early checks abort when shape or colour accuracy on held-out samples is
 still near chance: at the end of stage A (the tower's CLS heads on zoomed views) and at
 ``--check-at`` (fraction of stage B, the VLM's answers); ``--check-at 0`` disables both.  At the end ``DIR`` holds the model
 (``save_pretrained``, safetensors) and the processor, loadable with ``from_pretrained`` /
@@ -35,6 +36,8 @@ import argparse
 import json
 import logging
 import math
+import pickle
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,15 +55,23 @@ from .token_boxes import anyres_layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainArgs", "ChanceError", "train", "evaluate_answers", "zoom_view", "view_around", "patch_labels",
+__all__ = ["TrainArgs", "ChanceError", "StateError", "train", "evaluate_answers", "zoom_view", "view_around", "patch_labels",
            "shape_tile_index", "tile_box", "main"]
 
 STATE = "train_state.pt"
+#: Layout of ``train_state.pt``: 2 adds ``format``, ``ema`` and the log as JSON text; 1 (no ``format`` key) is read
+#: too, as long as ``torch.load(weights_only=True)`` accepts the file.
+STATE_FORMAT = 2
+_STATE_KEYS = ("model", "heads", "opt_a", "opt_b", "stage", "step")
 _STAGE_A, _STAGE_B, _EVAL = 1, 2, 3
 
 
 class ChanceError(RuntimeError):
     """The early check found shape or colour accuracy still near chance."""
+
+
+class StateError(RuntimeError):
+    """``train_state.pt`` cannot be resumed from (refused by ``torch.load(weights_only=True)``, or not a state)."""
 
 
 @dataclass(frozen=True)
@@ -364,11 +375,50 @@ def _optimizers(model: Any, heads: _Heads, args: TrainArgs) -> tuple[torch.optim
     return opt_a, opt_b
 
 
-def _save_state(path: Path, model: Any, heads: _Heads, opts: tuple, stage: str, step: int, log_rows: list) -> None:
+def _save_state(path: Path, *, model: Any, heads: _Heads, opts: tuple, stage: str, step: int, ema: float | None,
+                log_rows: list[dict[str, Any]]) -> None:
+    """Write the resumable state atomically: state dicts (tensors, numbers, strings), the stage, the step, the
+    loss EMA and the log as JSON text, so that ``torch.load(weights_only=True)`` reads it back."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opts[0].state_dict(),
-                "opt_b": opts[1].state_dict(), "stage": stage, "step": step, "log": log_rows}, tmp)
+    torch.save({"format": STATE_FORMAT, "model": model.state_dict(), "heads": heads.state_dict(),
+                "opt_a": opts[0].state_dict(), "opt_b": opts[1].state_dict(), "stage": stage, "step": int(step),
+                "ema": None if ema is None else float(ema), "log_json": json.dumps(log_rows)}, tmp)
     tmp.replace(path)
+
+
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """Read ``path`` with ``torch.load(weights_only=True)``; returns its keys with ``log`` (list) and ``ema``.
+
+    Raises :class:`StateError` naming the file when torch refuses it (a pickled object that is not a tensor,
+    number, string or container: not written by this version's ``_save_state``), when it cannot be read, or when
+    it lacks a key or holds another format.
+    """
+    hint = "move it away or train into a new --out to start from scratch (it is never unpickled with weights_only=False)"
+    try:
+        st = torch.load(path, weights_only=True, map_location=device)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # torch names the first global it refused
+        what = f"it pickles {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        raise StateError(f"{path} is refused by torch.load(weights_only=True): {what}, not only tensors, numbers "
+                         f"and strings as the states of this vlmdrop do (an older or foreign file); {hint}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise StateError(f"{path} cannot be read as a training state ({type(e).__name__}: {e}); {hint}") from e
+    if not isinstance(st, dict):
+        raise StateError(f"{path} holds a {type(st).__name__}, not a training state dict; {hint}")
+    fmt = st.get("format", 1)
+    if fmt not in (1, STATE_FORMAT):
+        raise StateError(f"{path} has state format {fmt!r}; this vlmdrop reads 1 and {STATE_FORMAT}; {hint}")
+    missing = [k for k in _STATE_KEYS + (("log",) if fmt == 1 else ("log_json", "ema")) if k not in st]
+    if missing:
+        raise StateError(f"{path} lacks {missing} (format {fmt}); {hint}")
+    if st["stage"] not in ("A", "B") or not isinstance(st["step"], int) or st["step"] < 0:
+        raise StateError(f"{path} holds stage={st['stage']!r} step={st['step']!r}; expected 'A' or 'B' and a step >= 0")
+    if fmt == 1:  # the previous layout: same contents, plain types, no EMA (only the logged loss restarts)
+        log.warning("%s is in the previous state format (1); it loads with weights_only=True, resuming from it", path)
+        st["ema"] = None
+    else:
+        st["log"] = json.loads(st.pop("log_json"))
+    return st
 
 
 def train(args: TrainArgs) -> dict[str, Any]:
@@ -395,18 +445,23 @@ def train(args: TrainArgs) -> dict[str, Any]:
     stage, step, log_rows = "A", 0, []
     state_path = out / STATE
     (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1), encoding="utf-8")
+    ema: float | None = None  # loss EMA shown on the progress bar and logged (part of the state, so logs match)
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False, map_location=device)
+        st = _load_state(state_path, device)
         model.load_state_dict(st["model"])
         heads.load_state_dict(st["heads"])
         opts[0].load_state_dict(st["opt_a"])
         opts[1].load_state_dict(st["opt_b"])
-        stage, step, log_rows = st["stage"], st["step"], st["log"]
+        stage, step, log_rows, ema = st["stage"], st["step"], st["log"], st["ema"]
         log.info("resumed from %s: stage %s step %d", state_path, stage, step)
     held_out = list(easyvqa_hr_records("test", seed=args.seed, n=args.eval_n))
 
     def out_of_time() -> bool:
         return time.monotonic() - t_start > 60.0 * args.minutes
+
+    def save() -> None:
+        _save_state(state_path, model=model, heads=heads, opts=opts, stage=stage, step=step, ema=ema,
+                    log_rows=log_rows)
 
     def record(row: dict) -> None:
         log_rows.append(row)
@@ -417,10 +472,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model.train()
     if stage == "A":
         bar = tqdm(total=args.steps_a, initial=step, desc="stage A (tower CLS)", disable=not args.progress)
-        ema = None
         while step < args.steps_a:
             if out_of_time():
-                _save_state(state_path, model, heads, opts, stage, step, log_rows)
+                save()
                 bar.close()
                 return {"finished": False, "stage": stage, "step": step}
             batch_a = _stage_a_batch(args, processor, step)
@@ -430,12 +484,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
             ema = _optimizer_step(opts[0], loss, opts[0].param_groups[0]["params"], ema, bar)
             step += 1
             if step % args.save_every == 0 or step == args.steps_a:
-                _save_state(state_path, model, heads, opts, stage, step, log_rows)
+                save()
                 record({"stage": "A", "step": step, "loss": ema,
                         **_evaluate_tower(model, heads, processor, held_out, args.model.crop, args.seed)})
         bar.close()
-        stage, step = "B", 0
-        _save_state(state_path, model, heads, opts, stage, step, log_rows)
+        stage, step, ema = "B", 0, None
+        save()
         if args.check_at > 0 and args.steps_a > 0:  # the tower must see shapes where they are large
             last = log_rows[-1]
             _check("the end of stage A (tower CLS heads on zoomed views)", last["zoom_shape"], last["zoom_color"],
@@ -443,10 +497,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     check_step = int(args.check_at * args.steps_b) if args.check_at > 0 else -1
     bar = tqdm(total=args.steps_b, initial=step, desc="stage B (VLM)", disable=not args.progress)
-    ema = None
     while step < args.steps_b:
         if out_of_time():
-            _save_state(state_path, model, heads, opts, stage, step, log_rows)
+            save()
             bar.close()
             partial = out / "partial"  # the model as it stands, for a look before resuming
             model.save_pretrained(partial, safe_serialization=True)
@@ -460,7 +513,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if step == check_step:
             acc = evaluate_answers(model, processor, held_out)
             record({"stage": "B", "step": step, "check": True, **acc})
-            _save_state(state_path, model, heads, opts, stage, step, log_rows)
+            save()
             try:
                 _check(f"stage B step {step}/{args.steps_b}", acc.get("shape", 0.0), acc.get("color", 0.0), args,
                        len(held_out), state_path)
@@ -468,7 +521,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 bar.close()
                 raise
         if step % args.save_every == 0 or step == args.steps_b:
-            _save_state(state_path, model, heads, opts, stage, step, log_rows)
+            save()
     bar.close()
     acc = evaluate_answers(model, processor, held_out)
     record({"stage": "done", "step": step, **acc})
@@ -525,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       text_layers=a.text_layers, feature_layer=a.feature_layer))
     try:
         result = train(args)
-    except ChanceError as e:
+    except (ChanceError, StateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not result["finished"]:
