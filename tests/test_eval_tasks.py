@@ -144,7 +144,8 @@ def test_hf_folder_with_corrupt_image_is_a_sample_error(tmp_path):
     datasets = pytest.importorskip("datasets")
     from eval_fixtures import FakeGenerator
 
-    from vlmdrop.eval.runner import EvalConfig, read_jsonl, run_eval
+    from vlmdrop.eval.results import read_jsonl
+    from vlmdrop.eval.runner import EvalConfig, run_eval
 
     ds = datasets.Dataset.from_dict({
         "question_id": ["a", "b", "c"], "question": ["Is there a dog?"] * 3, "answer": ["yes", "no", "yes"],

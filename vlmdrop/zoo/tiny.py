@@ -170,7 +170,7 @@ def tiny_internvl(*, seed: int = 0, tile_size: int = 64, patch_size: int = 8, vi
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    from .processors import internvl_processor
+    from vlmdrop.eval.processors import internvl_processor
 
     tokenizer = build_internvl_tokenizer()
     vision = InternVLVisionConfig(
