@@ -11,7 +11,7 @@ import vlmdrop
 import vlmdrop.cli as cli
 from vlmdrop.cli import main
 from vlmdrop.eval.params import depth_defaults, method_params
-from vlmdrop.zoo.tiny import tiny_llava_next
+from vlmdrop.testing import tiny_llava_next
 
 from conftest import MIXED_SIZES, batch, get_model, make_image
 

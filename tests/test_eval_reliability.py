@@ -209,7 +209,7 @@ class CountingHF(HFGenerator):
 
 @pytest.fixture(scope="module")
 def three_layer_llava():
-    from vlmdrop.zoo.tiny import tiny_llava
+    from vlmdrop.testing import tiny_llava
 
     return tiny_llava(seed=3, text_layers=3)  # pdrop's default stages (8, 16, 24) do not fit: [1, 2] is chosen
 
