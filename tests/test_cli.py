@@ -5,15 +5,14 @@ import sys
 
 import pytest
 import torch
+from conftest import MIXED_SIZES, batch, get_model, make_image
 from PIL import Image
+from vlmdrop.eval.params import depth_defaults, method_params
 
 import vlmdrop
 import vlmdrop.cli as cli
 from vlmdrop.cli import main
-from vlmdrop.eval.params import depth_defaults, method_params
 from vlmdrop.testing import tiny_llava_next
-
-from conftest import MIXED_SIZES, batch, get_model, make_image
 
 
 def test_cli_run_on_embedded_default(capsys):

@@ -15,6 +15,7 @@ import string
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -24,7 +25,6 @@ from transformers import (
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     LlavaProcessor,
-    CLIPImageProcessorPil,
     PreTrainedTokenizerFast,
 )
 
