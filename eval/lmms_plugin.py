@@ -2,10 +2,12 @@
 
 Registered through the ``lmms_eval.models`` entry-point group (see ``pyproject.toml``); lmms-eval
 >= 0.7 loads it from there. ``pretrained`` may be omitted for the embedded default model;
-``method=full`` (default) runs the unmodified model; ``budget`` maps to the method's budget
-parameter as in ``vlmdrop eval`` (``keep`` for FastV, ``ratio`` for PyramidDrop); any other ``key=value`` of
-``--model_args`` that is not listed below is passed to ``vlmdrop.apply`` as a method parameter
-(numbers are converted).
+``method=full`` (default) runs the unmodified model; ``budget`` maps to the method's parameters exactly
+as in ``vlmdrop eval`` (:func:`vlmdrop.eval.params.method_params`, with the loaded LM's depth); any other
+``key=value`` of ``--model_args`` that is not listed below is passed to ``vlmdrop.apply`` as a method
+parameter (numbers are converted), except the one ``budget`` sets (FastV's ``keep``, PyramidDrop's
+``ratio``, the others' ``budget``) when ``budget`` is given: that is refused. Without ``budget`` the
+method's own defaults apply.
 
 Only ``generate_until`` is supported (every benchmark of ``vlmdrop.eval`` is a generation task);
 ``loglikelihood`` raises. Prompts are the task's ``doc_to_text`` wrapped in the processor's chat
@@ -17,8 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .runner import FULL, load_generator
-from .runner import method_params as _apply_kwargs
+from .backend import load_generator
+from .params import method_params
+from .results import FULL
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ if _LMMSBase is not None:
     class VlmdropLMMS(_LMMSBase):
         """A Hugging Face VLM with a vlmdrop method applied, as an lmms-eval model."""
 
-        def __init__(self, pretrained: str | None = None, method: str = FULL, budget: float = 1.0,
-                     batch_size: int = 1, device: str | None = None, seed: int = 0, **method_params: Any) -> None:
+        def __init__(self, pretrained: str | None = None, method: str = FULL, budget: float | None = None,
+                     batch_size: int = 1, device: str | None = None, seed: int = 0, **extra: Any) -> None:
             super().__init__()
             import torch
 
@@ -65,18 +68,17 @@ if _LMMSBase is not None:
             except Exception:
                 self._rank, self._world_size = 0, 1
                 dev = torch.device(device) if device else None
-            self.gen = load_generator(pretrained if pretrained not in (None, "", "default") else None, dev)
-            self.method, self.budget = method, float(_num(budget))
+            self.method = method
+            self.budget = None if budget in (None, "") else float(_num(budget))
             self.batch_size_per_gpu = int(batch_size)
-            params = {k: _num(v) for k, v in method_params.items()}
-            if method != FULL:
-                import vlmdrop
-
-                self.gen.handle = vlmdrop.apply(self.gen.model, method,
-                                                **_apply_kwargs(method, self.budget, int(seed), params))
-                self.gen.method = method
-            elif params:
+            params = {k: _num(v) for k, v in extra.items()}
+            if method == FULL and params:
                 raise ValueError(f"method=full takes no method parameters, got {sorted(params)}")
+            if method != FULL:  # a budget given twice (e.g. budget=0.2,keep=0.5) is refused before the model loads
+                method_params(method, self.budget, seed=int(seed), extra=params)
+            self.gen = load_generator(pretrained if pretrained not in (None, "", "default") else None, dev)
+            #: what vlmdrop.apply received ({} for the full model)
+            self.params = self.gen.configure(method, self.budget, int(seed), params) if method != FULL else {}
 
         @property
         def rank(self) -> int:

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .runner import FULL, budget_label, config_key, scan_results
+from .results import FULL, budget_label, config_key, scan_results
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def _mean(xs: Iterable) -> float | None:
 def summarize(task: Task, out: Path, configs: Sequence[tuple[str, float]],
               expected: Sequence[str] | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
     """One row per configuration plus the error records per configuration. Each row's ``corrupt``
-    lists the lines of its result files that are not results (see ``runner.scan_results``)."""
+    lists the lines of its result files that are not results (see ``results.scan_results``)."""
     task_dir = Path(out) / task.name
     rows, errors = [], {}
     full_score = full_ttft = None

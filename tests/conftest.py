@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdrop.zoo.tiny import tiny_internvl, tiny_llava, tiny_llava_next
+from vlmdrop.testing import tiny_internvl, tiny_llava, tiny_llava_next
 
 # The test models are tiny: one thread is faster than two (no oversubscription on shared CI cores).
 torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
     """The one model cache of the suite: (model, processor) of a tiny random-weight model, built once per
     (family, attention backend, dtype, config).  Same seed for every backend and dtype, so the eager and the
     sdpa model hold the same weights; a bf16 model is its own copy (a round trip would change the fp32 weights).
-    `config`: other arguments of the `vlmdrop.zoo.tiny` builder (seed, vision_layers, text_layers, ...) for a
+    `config`: other arguments of the `vlmdrop.testing` builder (seed, vision_layers, text_layers, ...) for a
     model configured differently from the shared one.
 
     Families: "llava", "llava_next", "internvl", "internvl_qknorm" (qk-norm ViT), with `TEXT_LAYERS` decoder

@@ -160,7 +160,7 @@ class FakeGenerator:
     def generate(self, prompts, images, max_new_tokens):
         import time
 
-        from vlmdrop.eval.runner import GenOutput
+        from vlmdrop.eval.backend import GenOutput
 
         outs = []
         for p in prompts:

@@ -5,15 +5,14 @@ import sys
 
 import pytest
 import torch
+from conftest import MIXED_SIZES, batch, get_model, make_image
 from PIL import Image
+from vlmdrop.eval.params import depth_defaults, method_params
 
 import vlmdrop
 import vlmdrop.cli as cli
-from vlmdrop.cli import main, model_defaults
-from vlmdrop.eval.runner import method_params
-from vlmdrop.zoo.tiny import tiny_llava_next
-
-from conftest import MIXED_SIZES, batch, get_model, make_image
+from vlmdrop.cli import main
+from vlmdrop.testing import tiny_llava_next
 
 
 def test_cli_run_on_embedded_default(capsys):
@@ -90,7 +89,11 @@ PRE_LOAD_ERRORS = {
     "params-not-object": (["--params", "[0.3]"], ["[0.3]", "JSON object"]),
     "params-unknown": (["--params", '{"alpah": 0.3}'], ["alpah", "valid parameters"]),
     "params-invalid": (["--params", '{"alpha": 2}'], ["alpha=2"]),
-    "params-budget-pdrop-count": (["--method", "pdrop", "--budget", "64"], ["ratio=64"]),
+    "params-budget-pdrop-count": (["--method", "pdrop", "--budget", "64"], ["budget=64", "PyramidDrop", "fraction"]),
+    # --params may not set what --budget sets (the run would say one budget while another ran)
+    "params-and-budget-fastv-keep": (["--method", "fastv", "--budget", "0.2", "--params", '{"keep": 0.5}'],
+                                     ["keep=0.5", "budget=0.2"]),
+    "params-and-budget-hired": (["--budget", "0.2", "--params", '{"budget": 0.5}'], ["budget=0.5", "budget=0.2"]),
     "method-unknown": (["--method", "nope"], ["'nope'", "valid methods"]),
     "method-two-vision": (["--method", "hired,random"], ["vision-stage"]),
     "method-stack-flat-params": (["--method", "hired,fastv", "--params", '{"alpha": 0.3}'], ["alpha"]),
@@ -161,12 +164,14 @@ def test_run_model_that_fails_to_load(tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 # --budget for every method, mapped as vlmdrop eval maps it; defaults that fit the model
 # --------------------------------------------------------------------------------------
-def test_model_defaults_rule():
-    layers = {n: model_defaults("pdrop", n).get("layers") for n in (1, 2, 3, 4, 6, 24, 32, 40)}
-    assert layers == {1: None, 2: [1], 3: [1, 2], 4: [1, 2, 3], 6: [2, 3, 5], 24: [6, 12, 18], 32: [8, 16, 24],
+def test_depth_defaults_rule():
+    """The one rule (the methods' configs, through vlmdrop.eval.params): {} where it gives the default."""
+    layers = {n: depth_defaults("pdrop", n).get("layers") for n in (1, 2, 3, 4, 6, 24, 32, 40)}
+    assert layers == {1: None, 2: [1], 3: [1, 2], 4: [1, 2, 3], 6: [2, 3, 5], 24: [6, 12, 18], 32: None,
                       40: [10, 20, 30]}
-    assert model_defaults("fastv", 2) == {"layer": 1} and model_defaults("fastv", 3) == {}
-    assert model_defaults("fastv", 32) == {} and model_defaults("hired", 3) == {}
+    fastv = {n: depth_defaults("fastv", n).get("layer") for n in (2, 3, 5, 6, 32, 40)}
+    assert fastv == {2: 1, 3: 1, 5: 1, 6: None, 32: None, 40: None}  # 2 (the paper's), within the first third
+    assert depth_defaults("hired", 3) == {}
 
 
 def _tokens(out: str, label: str) -> int:
@@ -184,17 +189,19 @@ def test_run_budget_for_every_method(method, deep_next, monkeypatch, capsys):
     assert main(["run", "--method", method, "--budget", "0.25", "--max-new-tokens", "1", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     cfg = _config_line(out)
-    for k, v in method_params(method, 0.25).items():  # the eval harness' mapping
+    for k, v in method_params(method, 0.25, num_layers=6).items():  # the eval harness' mapping
+        v = tuple(v) if isinstance(v, list) else v
         assert f"{k}={v!r}" in cfg, (k, v, cfg)
     n_before, n_kept = _tokens(out, "full"), _tokens(out, method)
     layer_tokens = re.search(r"image tokens per LLM layer: (\[.*\])", out)
-    if method == "pdrop":  # 6 layers: stages at 2, 3, 5, each keeping 0.25 of the tokens present
-        assert "layers=(2, 3, 5)" in cfg and "from the 6-layer LM" in cfg
-        n = [round(n_before * 0.25**s) for s in range(4)]  # stage s keeps round(n * r_0 * ... * r_s)
+    assert n_kept == round(0.25 * n_before), out  # the budget is what is left, for every method
+    if method == "pdrop":  # 6 layers: stages at 2, 3, 5, each keeping 0.25 ** (1/3) of the tokens present
+        assert "layers=(2, 3, 5)" in cfg and f"ratio={0.25 ** (1 / 3)!r}" in cfg and "from the 6-layer LM" in cfg
+        frac = [1.0]
+        for _ in range(3):
+            frac.append(frac[-1] * 0.25 ** (1 / 3))
+        n = [round(n_before * f) for f in frac]  # stage s keeps round(n * r_0 * ... * r_s)
         assert json.loads(layer_tokens.group(1)) == [n[0]] * 2 + [n[1]] + [n[2]] * 2 + [n[3]]
-        assert n_kept == n[3]
-    else:
-        assert n_kept == round(0.25 * n_before), out
     if method == "fastv":  # the method's own layer 2 on a 6-layer LM
         assert json.loads(layer_tokens.group(1)) == [n_before] * 2 + [n_kept] * 4
 
@@ -213,6 +220,8 @@ def test_run_default_parameters_on_embedded_model(method, embedded, monkeypatch,
     out = capsys.readouterr().out
     if method == "pdrop":
         assert "layers=(1, 2)" in _config_line(out) and "from the 3-layer LM" in _config_line(out)
+    if method == "fastv":  # the paper's layer 2 moved into the first third of the 3-layer LM, as zoo.evaluate runs it
+        assert "layer=1," in _config_line(out) and "from the 3-layer LM" in _config_line(out)
 
 
 def test_run_stack(deep_next, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 and restarted, and ``accelerate launch`` with 2 CPU processes merging into one report."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ import pytest
 
 pytest.importorskip("easy_vqa")
 
-from vlmdrop.eval.runner import EvalConfig, HFGenerator, read_jsonl, run_eval  # noqa: E402
+from vlmdrop.eval.backend import HFGenerator  # noqa: E402
+from vlmdrop.eval.results import read_jsonl  # noqa: E402
+from vlmdrop.eval.runner import EvalConfig, run_eval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -122,7 +125,8 @@ def test_accelerate_two_cpu_processes_merge(tmp_path):
 
 def test_cli_model_from_a_checkpoint_folder(tmp_path, capsys):
     from vlmdrop.eval.cli import cli
-    from vlmdrop.zoo.tiny import tiny_llava
+
+    from vlmdrop.testing import tiny_llava
 
     model, processor = tiny_llava()
     model.save_pretrained(tmp_path / "ckpt")
@@ -138,13 +142,23 @@ def test_cli_model_from_a_checkpoint_folder(tmp_path, capsys):
 
 def test_llm_stage_methods_take_their_budget_parameter(tmp_path, capsys):
     from vlmdrop.eval.cli import cli
-    from vlmdrop.eval.runner import method_params
+    from vlmdrop.eval.params import method_params
 
     assert method_params("hired", 0.2) == {"budget": 0.2}
     assert method_params("hired", 64.0) == {"budget": 64}
     assert method_params("fastv", 0.25, extra={"layer": 1}) == {"keep": 0.25, "layer": 1}
-    assert method_params("pdrop", 0.5) == {"ratio": 0.5}
+    assert method_params("pdrop", 0.5) == {"ratio": 0.5 ** (1 / 3)}  # the default 3 stages leave 0.5
+    assert method_params("pdrop", 0.5, extra={"layers": [2, 4]}) == {"ratio": 0.5 ** (1 / 2), "layers": [2, 4]}
     assert method_params("random", 0.1, seed=3) == {"budget": 0.1, "seed": 3}
+    # with the LM's depth: the depth defaults where the caller gives none
+    assert method_params("pdrop", 0.1, num_layers=3) == {"ratio": 0.1 ** 0.5, "layers": [1, 2]}
+    assert method_params("fastv", 0.1, num_layers=3) == {"keep": 0.1, "layer": 1}
+    assert method_params("fastv", 0.1, num_layers=3, extra={"layer": 2}) == {"keep": 0.1, "layer": 2}
+    assert method_params("fastv", 0.1, num_layers=32) == {"keep": 0.1}
+    with pytest.raises(ValueError, match="keep=0.5.*budget=0.1"):
+        method_params("fastv", 0.1, extra={"keep": 0.5})
+    with pytest.raises(ValueError, match="PyramidDrop takes a fraction"):
+        method_params("pdrop", 64.0)
     import vlmdrop
 
     if "fastv" not in vlmdrop.methods():
@@ -155,3 +169,21 @@ def test_llm_stage_methods_take_their_budget_parameter(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     rows = read_jsonl(tmp_path / "o" / "easyvqa" / "fastv@0.25.part0.jsonl")
     assert len(rows) == 2 and all(r["n_kept"] == round(0.25 * r["n_before"]) for r in rows)
+
+
+def test_llm_stage_methods_on_the_embedded_model_as_zoo_evaluate_runs_them(tmp_path, capsys):
+    """`vlmdrop eval --method pdrop` on the embedded 3-layer LM failed with layers=8; it now runs with the
+    parameters `python -m vlmdrop.zoo.evaluate` has always used there (its published table): FastV at layer 1,
+    PyramidDrop at layers 1 and 2 keeping budget ** (1/2) at each, so that budget is what is left."""
+    from vlmdrop.eval.cli import cli
+
+    rc = cli(["--task", "easyvqa", "--limit", "2", "--method", "fastv,pdrop", "--budget", "0.1",
+              "--max-new-tokens", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert record["configs"] == {"full@1": {}, "fastv@0.1": {"keep": 0.1, "layer": 1},
+                                 "pdrop@0.1": {"ratio": 0.1 ** 0.5, "layers": [1, 2]}}
+    for key in ("fastv@0.1", "pdrop@0.1"):
+        rows = read_jsonl(tmp_path / "o" / "easyvqa" / f"{key}.part0.jsonl")
+        assert len(rows) == 2 and all(r["params"] == record["configs"][key] for r in rows)
+        assert all(r["n_kept"] == round(0.1 * r["n_before"]) for r in rows), rows

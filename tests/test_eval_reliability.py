@@ -10,9 +10,10 @@ import os
 
 import pytest
 from eval_fixtures import FakeGenerator, img, make_easyvqa
-
+from vlmdrop.eval.backend import HFGenerator
 from vlmdrop.eval.cli import cli
-from vlmdrop.eval.runner import EvalConfig, HFGenerator, config_key, load_results, read_jsonl, run_eval
+from vlmdrop.eval.results import config_key, load_results, read_jsonl
+from vlmdrop.eval.runner import EvalConfig, run_eval
 
 
 def _cfg(tmp_path, data, **kw):
@@ -207,13 +208,13 @@ class CountingHF(HFGenerator):
 
 @pytest.fixture(scope="module")
 def three_layer_llava():
-    from vlmdrop.zoo.tiny import tiny_llava
+    from vlmdrop.testing import tiny_llava
 
-    return tiny_llava(seed=3, text_layers=3)  # pdrop's default stages (8, 16, 24) do not fit
+    return tiny_llava(seed=3, text_layers=3)  # pdrop's default stages (8, 16, 24) do not fit: [1, 2] is chosen
 
 
 @pytest.mark.parametrize("methods, method_args, match", [
-    (["pdrop"], {}, r"pdrop@0\.5.*layers=8 is out of range.*3 decoder layers"),
+    (["pdrop"], {"pdrop": {"layers": [1, 8]}}, r"pdrop@0\.5.*layers=8 is out of range.*3 decoder layers"),
     (["hired", "fastv"], {"fastv": {"layer": 5}}, r"fastv@0\.5.*layer=5 is out of range"),
     (["hired"], {"hired": {"alhpa": 0.3}}, r"hired@0\.5.*unknown parameter.*alhpa"),
 ])
@@ -226,6 +227,29 @@ def test_configurations_checked_on_the_model_before_any_sample(tmp_path, three_l
     assert gen.n_generate == 0 and gen.handle is None  # no sample ran, the model is left unmodified
     assert "_vlmdrop_handle" not in three_layer_llava[0].__dict__
     assert not (tmp_path / "out" / "easyvqa").exists() and not (tmp_path / "out" / "run.json").exists()
+
+
+def test_pdrop_count_budget_is_refused_before_any_sample(tmp_path, three_layer_llava):
+    data = make_easyvqa(tmp_path / "ev")
+    gen = CountingHF(*three_layer_llava)
+    with pytest.raises(ValueError, match=r"pdrop@64 cannot be applied.*PyramidDrop takes a fraction"):
+        run_eval(_cfg(tmp_path, data, methods=["pdrop"], budgets=[64]), generator=gen)
+    assert gen.n_generate == 0 and gen.handle is None
+
+
+def test_llm_stage_defaults_follow_the_model_depth(tmp_path, three_layer_llava):
+    """On a 3-layer LM (not the embedded model: a LLaVA-1.5 of another seed) pdrop's stages and FastV's layer
+    come from the depth, in the run record and every row, and the budget is what is left after the last drop."""
+    data = make_easyvqa(tmp_path / "ev")
+    run_eval(_cfg(tmp_path, data, methods=["fastv", "pdrop"], budgets=[0.25], max_new_tokens=1),
+             generator=HFGenerator(*three_layer_llava))
+    record = json.loads((tmp_path / "out" / "run.json").read_text())["configs"]
+    assert record["pdrop@0.25"] == {"ratio": 0.5, "layers": [1, 2]} and record["fastv@0.25"] == {"keep": 0.25,
+                                                                                                  "layer": 1}
+    for m in ("fastv", "pdrop"):
+        rows = load_results(tmp_path / "out" / "easyvqa", m, 0.25)
+        assert rows and all(r["params"] == record[f"{m}@0.25"] for r in rows)
+        assert all(r["n_kept"] == round(0.25 * r["n_before"]) for r in rows), rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,10 +6,9 @@ import json
 
 import pytest
 from eval_fixtures import FakeGenerator, make_easyvqa, make_pope
-
 from vlmdrop.eval.report import summarize
-from vlmdrop.eval.runner import (EvalConfig, configurations, load_results, read_jsonl, run_eval,
-                                 run_task_config)
+from vlmdrop.eval.results import load_results, read_jsonl
+from vlmdrop.eval.runner import EvalConfig, configurations, run_eval, run_task_config
 from vlmdrop.eval.tasks import get_task
 
 

@@ -4,7 +4,6 @@ path, prompts, per-task scoring, and bad data."""
 
 import pytest
 from eval_fixtures import MAKERS, make_pope
-
 from vlmdrop.eval.tasks import BadRecord, EmptyDatasetError, Sample, get_task, task_names
 
 EXPECTED = {  # task -> (number of samples, first id, first target, prompt suffix)
@@ -143,8 +142,8 @@ def test_easyvqa_builtin_data():
 def test_hf_folder_with_corrupt_image_is_a_sample_error(tmp_path):
     datasets = pytest.importorskip("datasets")
     from eval_fixtures import FakeGenerator
-
-    from vlmdrop.eval.runner import EvalConfig, read_jsonl, run_eval
+    from vlmdrop.eval.results import read_jsonl
+    from vlmdrop.eval.runner import EvalConfig, run_eval
 
     ds = datasets.Dataset.from_dict({
         "question_id": ["a", "b", "c"], "question": ["Is there a dog?"] * 3, "answer": ["yes", "no", "yes"],

@@ -16,7 +16,7 @@ from transformers import LlavaNextProcessor
 import vlmdrop
 from conftest import make_image
 from vlmdrop.ops.budget import resolve_budget
-from vlmdrop.zoo.tiny import tiny_llava_next
+from vlmdrop.testing import tiny_llava_next
 
 N = 24 * 24  # tokens per 336 px crop
 # (H, W): a picture < 1 patch row high (grid 1x3 -> 0 unpadded rows), < 1 patch column wide (grid 3x1 ->
@@ -147,7 +147,7 @@ def test_layout_error_names_the_image(v16, monkeypatch):
 
 @pytest.mark.parametrize("method", ["hired", "random", "visionzip", "pool", "globalcom2"])
 def test_internvl_extreme_aspect_ratios(method):
-    from vlmdrop.zoo.tiny import tiny_internvl
+    from vlmdrop.testing import tiny_internvl
 
     model, proc = tiny_internvl(max_patches=12)  # 64 px tiles of 8 px patches: 16 tokens per tile
     sizes = SIZES[:3] + [(300, 620)]

@@ -1,10 +1,10 @@
-"""vlmdrop.zoo.tiny: every id the tiny tokenizers can emit has a row in the embedding of every tiny model
+"""vlmdrop.testing: every id the tiny tokenizers can emit has a row in the embedding of every tiny model
 built with them (a word listed twice once left a hole in the ids and pushed the last one past the table)."""
 
 import pytest
 import torch
 
-from vlmdrop.zoo import tiny
+from vlmdrop import testing as tiny
 
 
 @pytest.mark.parametrize("specials", [tiny.SPECIALS, tiny.INTERNVL_SPECIALS], ids=["llava", "internvl"])

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from vlmdrop.eval.loading import DTYPES, build_prompt, load_model
+from vlmdrop.eval.params import depth_defaults, num_text_layers
 
 #: LLaVA-1.5's short-answer VQA format, which the embedded model was trained on.
 DEFAULT_QUESTION = "what shape does the image contain?\nAnswer the question using a single word or phrase."
@@ -33,7 +35,8 @@ _HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
 
 LAYER_RULE = ("PyramidDrop without `layers`: the paper's stages 8/16/24 of 32 layers scaled to the LM's depth L, "
               "round(L/4), round(L/2), round(3L/4) (halves round up), kept within 1..L-1, duplicates dropped "
-              "(3 layers: [1, 2]); FastV without `layer`: 2, or L-1 on an LM of fewer than 3 layers")
+              "(3 layers: [1, 2]); FastV without `layer`: 2, but no later than the LM's first third, "
+              "i.e. 1 on an LM of fewer than 6 layers (the rule of vlmdrop.eval.params, shared by vlmdrop eval)")
 
 
 class UsageError(ValueError):
@@ -92,12 +95,18 @@ def parse_params(text: str | None, methods: list[str]) -> dict[str, dict[str, An
     return {m: dict(value.get(m, {})) for m in methods}
 
 
-def method_kwargs(methods: list[str], budget: float | None, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method, its keyword arguments: ``--budget`` mapped as `vlmdrop eval` maps it (FastV ``keep``,
-    PyramidDrop ``ratio``, the others ``budget``; ``random`` seed 0), then ``--params`` on top."""
-    from vlmdrop.eval.runner import method_params
+def method_kwargs(methods: list[str], budget: float | None, params: dict[str, dict[str, Any]], *,
+                  num_layers: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per method, its keyword arguments from `vlmdrop.eval.params.method_params`, the mapping `vlmdrop eval`
+    uses: ``--budget`` to FastV's ``keep``, PyramidDrop's ``ratio`` (``budget ** (1 / stages)``), the others'
+    ``budget`` (``random`` seed 0), ``--params``, and with ``num_layers`` the parameters that follow the LM's
+    depth where ``--params`` gives none. ``--params`` setting what ``--budget`` sets is a UsageError."""
+    from vlmdrop.eval.params import method_params
 
-    return {m: (method_params(m, budget, 0, params[m]) if budget is not None else dict(params[m])) for m in methods}
+    try:
+        return {m: method_params(m, budget, seed=0, num_layers=num_layers, extra=params[m]) for m in methods}
+    except ValueError as e:
+        raise UsageError(f"--method {','.join(methods)} with --budget {budget!r} and --params: {e}") from None
 
 
 def check_params(methods: list[str], kwargs: dict[str, dict[str, Any]]) -> None:
@@ -166,57 +175,8 @@ def check_model_arg(name: str | None) -> None:
 
 
 # ======================================================================================
-# model, model-dependent defaults, timed generation
+# timed generation (the model loader and the prompt builder are vlmdrop.eval.loading's)
 # ======================================================================================
-def load_model(name_or_path: str | None, *, attn_implementation: str = "sdpa", dtype: str = "auto"):
-    """`(model, processor)` from a checkpoint folder or hub id, or the embedded default when None."""
-    if name_or_path is None:
-        from vlmdrop.zoo import load_mini
-
-        return load_mini(None, attn_implementation=attn_implementation)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, attn_implementation=attn_implementation,
-                                                        dtype=torch_dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    try:
-        processor = AutoProcessor.from_pretrained(name_or_path)
-    except (OSError, ImportError, ValueError):
-        if getattr(model.config, "model_type", None) != "internvl":
-            raise
-        from vlmdrop.zoo.processors import load_internvl_processor  # InternVL's video processor needs torchvision
-
-        processor = load_internvl_processor(name_or_path)
-    return model.eval(), processor
-
-
-def model_defaults(method: str, num_layers: int) -> dict[str, Any]:
-    """Parameters a method takes from the LM's depth when the user gives none (see `LAYER_RULE`)."""
-    if method == "pdrop" and num_layers >= 2:
-        cuts = {min(max(math.floor(i * num_layers / 4 + 0.5), 1), num_layers - 1) for i in (1, 2, 3)}
-        return {"layers": sorted(cuts)}
-    if method == "fastv" and 2 <= num_layers < 3:
-        return {"layer": num_layers - 1}
-    return {}
-
-
-def _num_text_layers(model: Any) -> int | None:
-    try:
-        return int(model.config.get_text_config().num_hidden_layers)
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def build_prompt(processor: Any, question: str) -> str:
-    """The processor's chat template with one image and the question, else LLaVA-1.5's format."""
-    if getattr(processor, "chat_template", None):
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conv, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
 @dataclass
 class Timed:
     """One timed `generate`: the answer, time to first token, total time (seconds), new tokens."""
@@ -296,11 +256,10 @@ def _run(args: argparse.Namespace) -> int:
         model, processor = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {args.model!r} cannot be loaded: {e}") from None
-    depth = _num_text_layers(model)
-    auto: dict[str, dict[str, Any]] = {}
-    for m in methods:
-        auto[m] = {k: v for k, v in model_defaults(m, depth or 0).items() if k not in kwargs[m]}
-        kwargs[m] = {**auto[m], **kwargs[m]}
+    depth = num_text_layers(model)
+    given = parse_params(args.params, methods)
+    kwargs = method_kwargs(methods, budget, given, num_layers=depth)
+    auto = {m: [k for k in depth_defaults(m, depth) if k not in given[m]] if depth else [] for m in methods}
     try:
         _apply(model, methods, kwargs).remove()
     except ValueError as e:
@@ -394,14 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "separated by a comma (e.g. hired,fastv); default hired")
     r.add_argument("--budget", default=None,
                    help="fraction in (0, 1] (e.g. 0.2) or token count (e.g. 64), mapped as in vlmdrop eval: FastV's "
-                        "keep, PyramidDrop's ratio (kept at each stage), the others' budget; with a stack, each "
-                        "method's (default: the method's own defaults)")
+                        "keep, PyramidDrop's ratio (budget ** (1 / stages), so that the budget is what is left "
+                        "after the last stage), the others' budget; with a stack, each method's (default: the "
+                        "method's own defaults)")
     r.add_argument("--params", default=None,
                    help='other method parameters as JSON, e.g. \'{"alpha": 0.3}\'; with a stack one object per '
                         'method, e.g. \'{"fastv": {"layer": 1}}\'. ' + LAYER_RULE)
     r.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded model)")
     r.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    r.add_argument("--dtype", default="auto", choices=list(DTYPES))
     r.add_argument("--max-new-tokens", type=int, default=20)
     r.add_argument("--repeat", type=int, default=3,
                    help="timed runs of each model after one warm-up each, full and reduced interleaved; "

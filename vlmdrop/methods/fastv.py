@@ -14,7 +14,7 @@ official code (pkunlp-icler/FastV: `keep_indexs` fed back as `position_ids` in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 from ..interface import LLMMethod, MethodConfig
 from ..ops.budget import resolve_budget, validate_budget
@@ -47,6 +47,18 @@ class FastVConfig(MethodConfig):
     """
 
     stage: ClassVar[str] = "llm"
+    budget_field: ClassVar[str] = "keep"  # a budget is the share (or count) kept from layer K on
+
+    @classmethod
+    def depth_defaults(cls, num_layers: int) -> dict[str, Any]:
+        """`layer` for an LM of `num_layers` decoder layers where it differs from the default: the paper's
+        K=2, but no later than the LM's first third (at least 1): 1 on an LM of fewer than 6 layers."""
+        k = min(2, max(1, num_layers // 3))
+        return {} if k == cls.layer else {"layer": k}
+
+    @classmethod
+    def budget_params(cls, budget: float | int, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"keep": budget}
 
     layer: int = 2
     keep: float | int = 0.5

@@ -42,6 +42,7 @@ class GlobalCom2Config(MethodConfig):
         layer) as in the official code.
     """
 
+    budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.25
     temperature: float = G.TEMPERATURE
     score_layer: int = -1

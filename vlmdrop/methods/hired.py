@@ -30,6 +30,7 @@ class HiredConfig(MethodConfig):
     mode: "paper" (Eq. 1–2 with exact rounding) or "official-code" (the published code's allocation).
     """
 
+    budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.2
     alpha: float = 0.5
     first_layer: int = 0

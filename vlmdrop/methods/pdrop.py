@@ -20,7 +20,7 @@ FastV rule).  The official code renumbers positions contiguously after each drop
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 from ..interface import LLMMethod, MethodConfig
 from ..registry import register_method
@@ -43,6 +43,27 @@ class PDropConfig(MethodConfig):
     """
 
     stage: ClassVar[str] = "llm"
+    budget_field: ClassVar[str] = "ratio"
+
+    @classmethod
+    def depth_defaults(cls, num_layers: int) -> dict[str, Any]:
+        """`layers` for an LM of depth L where they differ from the default: the paper's 8/16/24 of 32 scaled,
+        round(L/4), round(L/2), round(3L/4) (halves up), kept within 1..L-1, duplicates dropped (3: [1, 2])."""
+        if num_layers < 2:
+            return {}
+        cuts = sorted({min(max(int(i * num_layers / 4 + 0.5), 1), num_layers - 1) for i in (1, 2, 3)})
+        return {} if tuple(cuts) == cls.layers else {"layers": cuts}
+
+    @classmethod
+    def budget_params(cls, budget: float | int, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A budget is the share of an image's tokens left after the last boundary: each of the n boundaries
+        keeps `budget ** (1 / n)` (boundaries 1, 2 and budget 0.1: 0.316 at each)."""
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ValueError(f"budget={budget!r}: PyramidDrop takes a fraction in (0, 1], the share of the image "
+                             "tokens left after its last stage (a token count has no per-stage ratio)")
+        layers = params.get("layers", cls.layers)
+        n = len(layers) if isinstance(layers, (list, tuple)) and layers else len(cls.layers)
+        return {"ratio": budget ** (1.0 / n)}
 
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float | tuple[float, ...] = 0.5

@@ -34,6 +34,7 @@ class PoolConfig(MethodConfig):
         image hands exactly that many rows to the LLM.
     """
 
+    budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.2
 
     needs = ("vit_hidden",)

@@ -22,6 +22,7 @@ class RandomConfig(MethodConfig):
         tokens.  The generator is re-seeded at every prefill and draws images in batch order.
     """
 
+    budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.2
     seed: int = 0
 

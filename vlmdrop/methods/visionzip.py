@@ -46,6 +46,7 @@ class VisionZipConfig(MethodConfig):
     ratio: dominant : contextual tokens of each crop's share (default 5.4 = the paper's 54 : 10).
     """
 
+    budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.2
     ratio: float = PAPER_RATIO
 

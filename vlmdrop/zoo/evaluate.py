@@ -6,6 +6,9 @@ Usage::
     python -m vlmdrop.zoo.evaluate --model DIR --n 240 --methods hired,random --budget 0.1
 
 The answer is the greedy first token of one prefill forward (every easyvqa-hr answer is one word).
+A budget maps to each method's parameters as in ``vlmdrop eval`` (``vlmdrop.eval.params.method_params``
+with the LM's depth; on the embedded 3-layer LM FastV drops at layer 1 keeping ``budget``, PyramidDrop
+at layers 1 and 2 keeping ``budget ** (1 / 2)`` at each, i.e. ``budget`` after the last).
 "Touches the shape": some kept visual position (base image or AnyRes grid, see
 `vlmdrop.zoo.token_boxes`) covers a canvas box overlapping the shape's bbox.
 """
@@ -22,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..eval.params import method_params, num_text_layers
 from .default import default_model_path, load_mini
 from .easyvqa_hr import QTYPES, easyvqa_hr_records
 from .mini import prompt
@@ -29,24 +33,7 @@ from .token_boxes import boxes_touch, token_boxes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_dropping", "method_params", "main"]
-
-def method_params(method: str | None, budget: float, *, seed: int = 0, num_layers: int = 3) -> dict[str, Any]:
-    """Parameters that make ``method`` keep ``budget`` of the visual tokens.
-
-    Vision-stage methods take ``budget`` as is (``random`` also the seed).  LLM-stage methods keep
-    every token in the first decoder layers, so they only reach the budget deeper in: FastV keeps
-    ``budget`` from layer 1 on; PyramidDrop cuts at layers 1 .. L-1 keeping ``budget ** (1 / (L - 1))``
-    at each, reaching ``budget`` in the last layer.
-    """
-    if method is None:
-        return {}
-    if method == "fastv":
-        return {"layer": 1, "keep": budget}
-    if method == "pdrop":
-        cuts = list(range(1, num_layers))
-        return {"layers": cuts, "ratio": budget ** (1.0 / len(cuts))}
-    return {"budget": budget, "seed": seed} if method == "random" else {"budget": budget}
+__all__ = ["evaluate_dropping", "main"]
 
 
 @torch.no_grad()
@@ -70,7 +57,7 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     kept: list[int] = []
     before: list[int] = []
     missed: dict[str, list[float]] = {}  # per qtype: answer correct, for samples whose kept tokens miss the shape
-    params = method_params(method, budget, seed=seed, num_layers=model.config.text_config.num_hidden_layers)
+    params = method_params(method, budget, seed=seed, num_layers=num_text_layers(model)) if method else {}
     handle = vlmdrop.apply(model, method, **params) if method else None
     try:
         for i in range(0, len(records), batch):

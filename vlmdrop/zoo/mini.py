@@ -88,8 +88,9 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 
 def prompt(processor: LlavaNextProcessor, question: str) -> str:
     """The chat-template prompt (one image, ``question`` + :data:`SUFFIX`) the miniature model is trained on."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + SUFFIX}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+    from ..eval.loading import build_prompt
+
+    return build_prompt(processor, question + SUFFIX)
 
 
 def pinpoints(crop: int) -> list[list[int]]:
