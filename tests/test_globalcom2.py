@@ -110,6 +110,7 @@ def test_config_errors_carry_values():
 
 def test_logit_capture_softmaxes_to_eager_attention():
     """The pre-softmax role: softmax over (CLS + patches) of the captured logits is the eager row."""
+    from vlmdrop.adapters.state import EncodeRecord
     from vlmdrop.adapters.vision_capture import ClsRowCapture
 
     model, proc = get_model("llava_next", "eager")
@@ -119,10 +120,12 @@ def test_logit_capture_softmaxes_to_eager_attention():
     cap = ClsRowCapture({"score": layer, "attn": layer}, num_heads=layer.num_heads, scale=layer.scale,
                         logit_roles=("score",))
     try:
-        cap.begin()  # the hooks record between begin() and end() (the adapter brackets each encode)
+        record = EncodeRecord()
+        cap.begin(record)  # the hooks record between begin() and end() (the adapter brackets each encode)
         with torch.no_grad():
             out = model.model.vision_tower(pixel_values=inputs["pixel_values"][0], output_attentions=True)
-        rows = cap.take()
+        cap.end()
+        rows = record.cls_rows
     finally:
         cap.remove()
     eager = out.attentions[-1][:, :, 0]  # (crops, H, N)

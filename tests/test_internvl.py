@@ -26,7 +26,7 @@ def _inputs(proc, sizes, seed=0):
 
 
 def _adapter(handle):
-    return handle._install.parts[-1].adapter
+    return handle._installation.adapter
 
 
 def _reference_embeds(model, inputs, stats, b):
@@ -106,7 +106,7 @@ def test_hired_splits_tiles_by_thumbnail_regions():
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
         enc = ad.encode({"pixel_values": inputs["pixel_values"]})
-        _, images = ad.split(enc, inputs["input_ids"])
+        images = [im.tokens for im in ad.images(enc, inputs["input_ids"])]
     assert [im.grid_hw for im in images] == [(1, 6), (2, 1)]
     assert [im.base_crop for im in images] == [6, 2]
     for im in images:
@@ -128,7 +128,7 @@ def test_base_region_maps_thumbnail_to_tile_grid():
     inputs = _inputs(proc, [MAX, (200, 100)])
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
-        _, images = ad.split(ad.encode({"pixel_values": inputs["pixel_values"]}), inputs["input_ids"])
+        images = [im.tokens for im in ad.images(ad.encode({"pixel_values": inputs["pixel_values"]}), inputs["input_ids"])]
     # 4x4 thumbnail grid; 1x6 tiles: columns 0..3 -> tiles floor((c + .5) * 6 / 4)
     assert images[0].base_region.reshape(4, 4)[0].tolist() == [0, 2, 3, 5]
     # 2x1 tiles: top two thumbnail rows -> tile 0, bottom two -> tile 1
@@ -170,7 +170,7 @@ def test_pooled_cls_rows_match_eager_attention(qk_norm):
         for method, role, layer in [("hired", "first", 0), ("hired", "feature", -1), ("globalcom2", "score", -1)]:
             with vlmdrop.dropping(model, method, budget=0.5) as h:
                 ad = _adapter(h)
-                _, (im,) = ad.split(ad.encode({"pixel_values": pv}), inputs["input_ids"])
+                (im,) = [i.tokens for i in ad.images(ad.encode({"pixel_values": pv}), inputs["input_ids"])]
             got = im.cls_attn[role]  # (3, H, 16)
             row = att[layer][:, :, 0]  # (3, H, 65) CLS row, CLS column first
             if role != "score":

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from .ops.budget import validate_budget
+from .ops.budget import resolve_budget, validate_budget
 
 
 @dataclass
@@ -144,6 +144,15 @@ class VisionMethod:
     def vit_layers(self, num_layers: int, feature_layer: int) -> dict[str, int]:
         """Which ViT layers' CLS rows to capture, by role, as non-negative layer indices."""
         return {}
+
+    def n_keep(self, image: ImageTokens) -> int:
+        """Rows the language model receives for `image` (kept positions + new rows): the budget."""
+        return resolve_budget(self.config.budget, image.n_before)
+
+    def generator(self) -> torch.Generator | None:
+        """A freshly seeded generator for one prefill's images (drawn in batch order); None = the
+        method draws nothing at random."""
+        return None
 
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
         raise NotImplementedError
