@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map
+from vlmdrop.ops.tiles import infer_tile_grid
 
 from .base import HFVlmAdapter, ImageInput, register_adapter
 from .hf_vlm import ENCODED_ATTR, feature_layer_index
@@ -71,32 +71,6 @@ class EncodedTiles:
         return EncodedTiles(n_tiles=int(src.numel()), pixels=pick(self.pixels),
                             cls_rows={r: pick(p) for r, p in self.cls_rows.items()}, keys=pick(self.keys),
                             hidden=pick(self.hidden))
-
-
-def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
-    """(rows, cols) of a raster of tiles that, stitched and resized to one tile, best matches the thumbnail.
-
-    Args:
-        tiles: (n, C, S, S) the image's tiles in the processor's raster order (thumbnail excluded).
-        thumbnail: (C, S, S) the whole picture resized to one tile.
-
-    Returns:
-        (rows, cols) with rows * cols == n; ties go to the first candidate in order of increasing rows.
-    """
-    n, c, s, s2 = tiles.shape
-    best, best_err = None, float("inf")
-    thumb = thumbnail.float()[None]  # (1, C, S, S)
-    for rows in range(1, n + 1):
-        if n % rows:
-            continue
-        cols = n // rows
-        grid = tiles.float().reshape(rows, cols, c, s, s2).permute(2, 0, 3, 1, 4).reshape(1, c, rows * s, cols * s2)
-        small = F.adaptive_avg_pool2d(grid, (s, s2))  # (1, C, S, S)
-        err = float((small - thumb).pow(2).mean())
-        if err < best_err:
-            best, best_err = (rows, cols), err
-    assert best is not None
-    return best
 
 
 @register_adapter

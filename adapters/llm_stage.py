@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from vlmdrop.interface import LLMMethod
-from vlmdrop.ops.compact import compact_positions, plan_compaction
+from vlmdrop.ops.compact import compact_positions, last_index, plan_compaction, scatter_back
 from vlmdrop.ops.llm_scores import last_token_attention
 from vlmdrop.stats import ImageStats
 
@@ -199,7 +199,7 @@ class LLMStageEngine:
 
     def _start_prefill(self, spans: list[ImageSpan], mask2d: torch.Tensor, cache: Any) -> LLMForward:
         b, length = mask2d.shape
-        last = self._last_index(mask2d)  # (B,)
+        last = last_index(mask2d)  # (B,)
         images = []
         for span in spans:
             pos = span.positions.to(mask2d.device)
@@ -209,13 +209,6 @@ class LLMStageEngine:
                                  "attention, so the prompt must end with text")
             images.append(_Image(span=span, present=torch.arange(pos.numel(), device=mask2d.device)))
         return LLMForward(mode="prefill", cache=cache, mask2d=mask2d, length=length, images=images)
-
-    @staticmethod
-    def _last_index(mask2d: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool -> (B,) position of the last True (the last prompt token of each row)."""
-        n = mask2d.shape[1]
-        idx = torch.arange(n, device=mask2d.device).expand_as(mask2d)
-        return torch.where(mask2d, idx, -1).max(dim=1).values.clamp(min=0)
 
     def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call = self.scope.current
@@ -282,7 +275,7 @@ class LLMStageEngine:
         attention module's queries (B, L_prev, H*D) or query rows (B, H*D) and keys (B, L_prev, Hkv*D)."""
         key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
         key_mask = key_mask.to(k.device)
-        last = self._last_index(key_mask)  # (B,)
+        last = last_index(key_mask)  # (B,)
         causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
         return last_token_attention(
             q, k, cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
@@ -303,7 +296,7 @@ class LLMStageEngine:
             raise ValueError(f"decoder layer {k} received no position_embeddings; vlmdrop supports RoPE "
                              "decoders that pass (cos, sin) to every layer")
         key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
-        last = self._last_index(key_mask).to(hidden.device)  # (B,)
+        last = last_index(key_mask).to(hidden.device)  # (B,)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         normed = layer.input_layernorm(hidden)  # (B, L_prev, D)
         keys = attn.k_proj(normed).detach()  # (B, L_prev, Hkv*Dh)
@@ -380,7 +373,7 @@ class LLMStageEngine:
         if prev is None:
             fwd.full = hidden  # (B, L, D)
         else:
-            fwd.full = self._scatter_back(fwd.full, prev, hidden)
+            fwd.full = scatter_back(fwd.full, prev.src, prev.valid, hidden)
         plan = plan_compaction(alive)
         src, valid = plan.src.to(device), plan.valid.to(device)  # (B, L_s)
         where = torch.full((b, length), -1, dtype=torch.long, device=device)
@@ -400,13 +393,6 @@ class LLMStageEngine:
             stage.positions = pos_ids.expand(b, -1).gather(1, src).masked_fill(~valid, 0)  # (B, L_s)
         fwd.stages.append(stage)
         return _with_hidden(args, kwargs, new_hidden)
-
-    @staticmethod
-    def _scatter_back(full: torch.Tensor, stage: _Stage, hidden: torch.Tensor) -> torch.Tensor:
-        """`full` (B, L, D) with the slots of `stage` (`hidden`, (B, L_s, D)) written at their prefill positions."""
-        src, v = stage.src.to(hidden.device), stage.valid.to(hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(src)  # (B, L_s)
-        return full.to(device=hidden.device, dtype=hidden.dtype).index_put((rows[v], src[v]), hidden[v])
 
     def _stage_kwargs(self, fwd: LLMForward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
         """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; positions None
@@ -445,5 +431,5 @@ class LLMStageEngine:
         if fwd is None or fwd.mode != "prefill" or not fwd.stages:
             return None
         hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
-        full = self._scatter_back(fwd.full, fwd.stages[-1], hidden)  # (B, L, D)
+        full = scatter_back(fwd.full, fwd.stages[-1].src, fwd.stages[-1].valid, hidden)  # (B, L, D)
         return (full, *output[1:]) if isinstance(output, tuple) else full

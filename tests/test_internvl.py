@@ -101,7 +101,8 @@ def test_hired_splits_tiles_by_thumbnail_regions():
     model, proc = get_model("internvl")
     inputs = _inputs(proc, [MAX, (200, 100)])
     from vlmdrop.methods.hired import Hired, HiredConfig
-    from vlmdrop.ops.hired import region_scores, top_positions
+    from vlmdrop.ops.hired import region_scores
+    from vlmdrop.ops.topk import top_k
 
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
@@ -120,7 +121,7 @@ def test_hired_splits_tiles_by_thumbnail_regions():
         feat = im.cls_attn["feature"].sum(1)  # (n_crops, 16)
         for c, k in enumerate(sel.crop_budgets):
             local = sel.kept_indices[(sel.kept_indices // PER_TILE) == c] % PER_TILE
-            assert local.tolist() == top_positions(feat[c], k).tolist()
+            assert local.tolist() == top_k(feat[c], k).tolist()
 
 
 def test_base_region_maps_thumbnail_to_tile_grid():
@@ -138,7 +139,7 @@ def test_base_region_maps_thumbnail_to_tile_grid():
 def test_tile_grid_recovered_from_thumbnail():
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-    from vlmdrop.adapters.internvl import infer_tile_grid
+    from vlmdrop.ops.tiles import infer_tile_grid
 
     _, proc = get_model("internvl")
     sizes = [(60, 130), (90, 50), (50, 300), (300, 50), (200, 100), (130, 120), (100, 190), (64, 200)]

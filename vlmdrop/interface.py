@@ -192,9 +192,9 @@ class LLMMethod:
 
     def select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
         """(n_present,) scores of an image's present tokens -> (n_keep,) ascending indices to keep."""
-        from .ops.llm_scores import top_tokens
+        from .ops.topk import top_k
 
-        return top_tokens(scores, n_keep)
+        return top_k(scores, n_keep)
 
 
 @dataclass
