@@ -1,13 +1,10 @@
-"""What every Hugging Face VLM adapter shares: installing the stages, the instance-level class swap
-that reports `get_image_features` calls, and mapping new rows through the model's own projector.
+"""What every Hugging Face VLM adapter shares: `install_hf` (the captures, the instance-level class swap
+that reports `get_image_features` calls, the prefill hook, the LLM stage), and small helpers.
 
-A subclass sets, in `__init__`: `base` (the inner `*Model`), `layers` (ViT layers), `num_heads`,
-`scale`, `feature_layer`, and the class attributes below; and implements `_on_encoded(out, arg)`,
-called with each `get_image_features` output and its `recorded_arg` argument, while the call's
-captures are still open.  `_on_encoded` attaches what it learns to the output (`ENCODED_ATTR`, on
-its per-image feature tensors or on the output object), so the description travels with the features
-to the forward that consumes them — whichever thread or call that is — and nothing about an encode
-is kept on the adapter.
+Each `get_image_features` call runs with the captures recording into a fresh `EncodeRecord`; the
+adapter's `on_encoded` attaches what it learns to the output (`ENCODED_ATTR`, on its per-image feature
+tensors or on the output object), so the description travels with the features to the forward that
+consumes them -- whichever thread or call that is -- and nothing about an encode is kept on the adapter.
 """
 
 from __future__ import annotations
@@ -16,14 +13,14 @@ import functools
 import inspect
 from typing import Any
 
-import torch
 from torch import nn
 
 from vlmdrop.interface import LLMMethod, VisionMethod
 
-from .base import Adapter
-from .engine import CallScope, VisionDropEngine
-from .llm_stage import LLMStageSpans
+from .base import HFVlmAdapter, Installation
+from .llm_stage import LLMStageEngine
+from .prefill import PrefillHook
+from .state import CallScope, EncodeRecord
 from .vision_capture import ClsRowCapture, FeatureCapture
 
 
@@ -63,17 +60,6 @@ def recording_class(cls: type, arg: str) -> type:
     return sub
 
 
-class Install:
-    """Everything one `apply` put on the model, removable in one call (last in, first out)."""
-
-    def __init__(self) -> None:
-        self.parts: list[Any] = []
-
-    def remove(self) -> None:
-        while self.parts:
-            self.parts.pop().remove()
-
-
 class ClassSwap:
     """Swap one module instance's class (never the class itself) and restore it on `remove()`."""
 
@@ -87,79 +73,56 @@ class ClassSwap:
         self.module.__dict__.pop("_vlmdrop_sink", None)
 
 
-class HFVlmAdapter(Adapter):
-    """Shared installation for LLaVA-family and InternVL adapters."""
+class _Encoder:
+    """The sink of the swapped `get_image_features`: runs one call with the captures recording into a
+    fresh `EncodeRecord`, then hands output and record to `adapter.on_encoded`."""
 
-    supports_llm_stage = True
-    attention_attr = "self_attn"  # ViT layer attribute holding the attention module
-    qk_names = ("q_proj", "k_proj")  # modules whose outputs are the queries / keys the layer attends with
-    recorded_arg = "image_sizes"  # `get_image_features` argument reported to `_on_encoded`
+    def __init__(self, adapter: HFVlmAdapter, captures: list[ClsRowCapture | FeatureCapture]) -> None:
+        self.adapter, self.captures = adapter, captures
 
-    base: nn.Module
-    layers: list[nn.Module]
-    num_heads: int
-    scale: float
-    feature_layer: int
-    capture: ClsRowCapture | None = None
-    features: FeatureCapture | None = None
-
-    def attention(self, layer: int) -> nn.Module:
-        return getattr(self.layers[layer], self.attention_attr)
-
-    def install(self, method: VisionMethod | LLMMethod, handle: Any, *, llm: LLMMethod | None = None) -> Install:
-        """Install `method` (vision or LLM stage); `llm` stacks an LLM-stage method after a vision one."""
-        vision = None if isinstance(method, LLMMethod) else method
-        llm = method if isinstance(method, LLMMethod) else llm
-        inst = Install()
-        try:
-            scope = CallScope(self.model, handle)  # its pre-hook runs first, its always-called hook last
-            inst.parts.append(scope)
-            if vision is not None:
-                q_name, k_name = self.qk_names
-                roles = vision.vit_layers(len(self.layers), self.feature_layer)
-                self.capture = ClsRowCapture({r: self.attention(i) for r, i in roles.items()},
-                                             num_heads=self.num_heads, scale=self.scale, q_name=q_name,
-                                             k_name=k_name,
-                                             logit_roles=tuple(getattr(vision.config, "logit_roles", ())))
-                inst.parts.append(self.capture)
-                needs = set(getattr(vision.config, "needs", ()))
-                if needs:  # feature-layer keys and the projector's input, for new (merged / pooled) rows
-                    keys = getattr(self.attention(self.feature_layer), k_name)
-                    self.features = FeatureCapture(
-                        k_proj=keys if "vit_keys" in needs else None,
-                        projector=self.base.multi_modal_projector if "vit_hidden" in needs else None,
-                        num_heads=self.num_heads)
-                    inst.parts.append(self.features)
-                inst.parts.append(ClassSwap(self.base, recording_class(type(self.base), self.recorded_arg),
-                                            self._encode_call))
-                inst.parts.append(VisionDropEngine(self, vision, scope))
-            if llm is not None:  # registered after the vision engine: its top-level hook sees the compacted input
-                lm = self.base.language_model
-                inst.parts.append(LLMStageSpans(self, llm, scope, language_model=lm, layers=list(lm.layers),
-                                                rotary_emb=lm.rotary_emb, config=lm.config,
-                                                vision_stage=vision is not None))
-        except BaseException:
-            inst.remove()
-            raise
-        return inst
-
-    def _encode_call(self, run: Any, arg: Any) -> Any:
-        """Run one `get_image_features` call with this thread's captures open, describe its output."""
-        captures = [c for c in (self.capture, self.features) if c is not None]
-        for c in captures:
-            c.begin()
+    def __call__(self, run: Any, arg: Any) -> Any:
+        record = EncodeRecord()
+        for c in self.captures:
+            c.begin(record)
         try:
             out = run()
-            self._on_encoded(out, arg)
+            self.adapter.on_encoded(out, arg, record)
             return out
         finally:
-            for c in captures:
+            for c in self.captures:
                 c.end()
 
-    def _on_encoded(self, out: Any, arg: Any) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
 
-    def project(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, C) projector-input rows -> (n, D) LLM-space rows through the model's own projector
-        (outside any encode, so the captures record nothing)."""
-        return self.base.multi_modal_projector(rows)
+def install_hf(adapter: HFVlmAdapter, vision: VisionMethod | None, llm: LLMMethod | None,
+               handle: Any) -> Installation:
+    """Install `vision` and/or `llm` on `adapter.model`; everything is removed by the returned installation."""
+    inst = Installation(adapter)
+    try:
+        scope = CallScope(adapter.model, handle)  # its always-called hook ends each call
+        inst.parts.append(scope)
+        captures: list[ClsRowCapture | FeatureCapture] = []
+        if vision is not None:
+            q_name, k_name = adapter.qk_names
+            roles = vision.vit_layers(len(adapter.layers), adapter.feature_layer)
+            captures.append(ClsRowCapture({r: adapter.attention(i) for r, i in roles.items()},
+                                          num_heads=adapter.num_heads, scale=adapter.scale, q_name=q_name,
+                                          k_name=k_name, logit_roles=vision.config.logit_roles))
+            needs = set(vision.config.needs)
+            if needs:  # feature-layer keys and the projector's input, for new (merged / pooled) rows
+                keys = getattr(adapter.attention(adapter.feature_layer), k_name)
+                captures.append(FeatureCapture(
+                    k_proj=keys if "vit_keys" in needs else None,
+                    projector=adapter.base.multi_modal_projector if "vit_hidden" in needs else None,
+                    num_heads=adapter.num_heads))
+            inst.parts.extend(captures)
+            inst.parts.append(ClassSwap(adapter.base, recording_class(type(adapter.base), adapter.recorded_arg),
+                                        _Encoder(adapter, captures)))
+        if llm is not None:
+            lm = adapter.base.language_model
+            inst.parts.append(LLMStageEngine(language_model=lm, layers=list(lm.layers), rotary_emb=lm.rotary_emb,
+                                             config=lm.config, method=llm, scope=scope))
+        inst.parts.append(PrefillHook(adapter, scope, vision=vision, llm=llm))
+    except BaseException:
+        inst.remove()
+        raise
+    return inst

@@ -24,53 +24,53 @@ Where things are taken:
   keys it attends with), averaged over heads, then averaged over each post-shuffle token's 2×2 source
   patches; both in the post-shuffle raster order of `local_index` / `cls_attn`.
 * LLM stage (FastV, PyramidDrop): `adapters/llm_stage.py` on the Qwen2/Llama decoder; the tiles are
-  grouped into images by the same placeholder runs (`image_rows`), so scores, budgets and stats are
+  grouped into images by the same placeholder runs (`images(..., layouts=False)`), so scores, budgets and stats are
   per image, not per tile.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map
+from vlmdrop.ops.tiles import infer_tile_grid
 
-from .base import register_adapter
-from .hf_vlm import ENCODED_ATTR, HFVlmAdapter, feature_layer_index
-from .vision_capture import ClsRowCapture, FeatureCapture
-
-logger = logging.getLogger("vlmdrop")
+from .base import HFVlmAdapter, ImageInput, register_adapter
+from .hf_vlm import ENCODED_ATTR, feature_layer_index
+from .state import EncodeRecord
 
 
-def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
-    """(rows, cols) of a raster of tiles that, stitched and resized to one tile, best matches the thumbnail.
+@dataclass(frozen=True)
+class EncodedTiles:
+    """What one `get_image_features` call learned about its T tiles (attached to its output).
 
-    Args:
-        tiles: (n, C, S, S) the image's tiles in the processor's raster order (thumbnail excluded).
-        thumbnail: (C, S, S) the whole picture resized to one tile.
-
-    Returns:
-        (rows, cols) with rows * cols == n; ties go to the first candidate in order of increasing rows.
+    Attributes:
+        n_tiles: T, the tiles encoded.
+        pixels: (T, 3, S, S) their pixel_values (for the tile grid), or None.
+        cls_rows: role -> (T, H, N') CLS rows pooled onto the post-shuffle grid, raster order.
+        keys: (T, N', Dh) pooled feature-layer keys, or None.
+        hidden: (T, N', 4C) post-shuffle projector input in raster order, or None.
     """
-    n, c, s, s2 = tiles.shape
-    best, best_err = None, float("inf")
-    thumb = thumbnail.float()[None]  # (1, C, S, S)
-    for rows in range(1, n + 1):
-        if n % rows:
-            continue
-        cols = n // rows
-        grid = tiles.float().reshape(rows, cols, c, s, s2).permute(2, 0, 3, 1, 4).reshape(1, c, rows * s, cols * s2)
-        small = F.adaptive_avg_pool2d(grid, (s, s2))  # (1, C, S, S)
-        err = float((small - thumb).pow(2).mean())
-        if err < best_err:
-            best, best_err = (rows, cols), err
-    assert best is not None
-    return best
+
+    n_tiles: int
+    pixels: torch.Tensor | None
+    cls_rows: dict[str, torch.Tensor]
+    keys: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    def take(self, src: torch.Tensor) -> EncodedTiles:
+        """The same for the tiles `src` (T',) index (generate's k-fold expansion)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[src.to(t.device)]
+
+        return EncodedTiles(n_tiles=int(src.numel()), pixels=pick(self.pixels),
+                            cls_rows={r: pick(p) for r, p in self.cls_rows.items()}, keys=pick(self.keys),
+                            hidden=pick(self.hidden))
 
 
 @register_adapter
@@ -111,8 +111,6 @@ class InternVLAdapter(HFVlmAdapter):
         self.image_token_id = self.config.image_token_id
         pad = getattr(self.config.text_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
-        self.capture: ClsRowCapture | None = None
-        self.features: FeatureCapture | None = None
 
     def _shuffle_map(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Source patches of each post-shuffle token (in feature order), its raster index on the
@@ -137,14 +135,13 @@ class InternVLAdapter(HFVlmAdapter):
                                             vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
                                             return_dict=True)
 
-    def _on_encoded(self, out: Any, pixel_values: torch.Tensor | None) -> None:
+    def on_encoded(self, out: Any, pixel_values: torch.Tensor | None, record: EncodeRecord) -> None:
         """Attach the tiles' pixels, pooled CLS rows and (for new rows) pooled keys and post-shuffle
-        features to the encoder output (`ENCODED_ATTR`), for the forward that consumes them:
-        (T, pixel_values, pooled CLS rows, keys (T, N', Dh) | None, hidden (T, N', 4C) | None).  On the
-        output object, not on its (T, N', D) tensor: `generate(num_beams=k)` / `num_return_sequences`
-        replace that tensor, in place on the object, by each sample's tiles repeated k times."""
-        rows = self.capture.take() if self.capture is not None else {}
-        keys, hidden = self.features.take() if self.features is not None else (None, None)
+        features to the encoder output (`ENCODED_ATTR`, an `EncodedTiles`), for the forward that consumes
+        them.  On the output object, not on its (T, N', D) tensor: `generate(num_beams=k)` /
+        `num_return_sequences` replace that tensor, in place on the object, by each sample's tiles
+        repeated k times."""
+        rows, keys, hidden = record.cls_rows, record.keys, record.hidden
         feats = out.pooler_output  # (T, N', D)
         n_tiles = feats.shape[0]
         pooled = {}
@@ -162,7 +159,8 @@ class InternVLAdapter(HFVlmAdapter):
                 raise AssertionError(f"projector input has {hidden.shape[1]} tokens per tile, "
                                      f"expected {self.tokens_per_tile}")
             hidden = self._to_raster(hidden)  # (T, N', 4C) post-shuffle raster order
-        setattr(out, ENCODED_ATTR, (n_tiles, pixel_values, pooled, keys, hidden))
+        setattr(out, ENCODED_ATTR, EncodedTiles(n_tiles=n_tiles, pixels=pixel_values, cls_rows=pooled, keys=keys,
+                                                hidden=hidden))
 
     def _pool(self, rows: torch.Tensor) -> torch.Tensor:
         """(T, H, h*w) patch scores -> (T, H, N') post-shuffle scores in raster order (sum of sources)."""
@@ -185,40 +183,42 @@ class InternVLAdapter(HFVlmAdapter):
         by_token = keys[:, self.sources.to(keys.device)].mean(2)  # (T, N', k, Dh) -> (T, N', Dh) feature order
         return self._to_raster(by_token)
 
-    def split(self, enc: Any, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[ImageTokens]]:
-        """Per-image visual rows and `ImageTokens`, grouping tiles by the placeholder runs of `input_ids`."""
-        feats = enc.pooler_output
+    def images(self, enc: Any, input_ids: torch.Tensor, *, layouts: bool = True) -> list[ImageInput]:
+        """Per-image visual rows (and `ImageTokens`), grouping tiles by the placeholder runs of `input_ids`."""
+        feats = enc.pooler_output  # (T, N', D)
+        if not layouts:  # the LLM stage: each image's run of placeholders (tiles x tokens per tile)
+            runs = self._placeholder_runs(input_ids)
+            n_rows = int(feats.shape[0]) * int(feats.shape[1])
+            if sum(runs) != n_rows:
+                raise ValueError(f"the placeholders describe {sum(runs)} visual rows ({runs} per image) but the "
+                                 f"image features hold {n_rows} rows")
+            flat = feats.reshape(n_rows, feats.shape[-1])  # (T*N', D)
+            return [ImageInput(rows=r, tokens=None) for r in torch.split(flat, runs)]
         encoded = getattr(enc, ENCODED_ATTR, None)
         if encoded is None:
             raise ValueError("these image features were not encoded while vlmdrop was applied "
                              "(pass pixel_values, or call generate, with the method applied)")
-        n_encoded, pixels, pooled, keys, hidden = encoded
         counts = self._tiles_per_image(input_ids)
         if sum(counts) != feats.shape[0]:
             raise ValueError(f"the placeholders describe {sum(counts)} tiles ({counts} per image) but "
                              f"pixel_values hold {feats.shape[0]} tiles")
-        if feats.shape[0] != n_encoded:  # expanded by generate: map each tile back to the encoded one
-            src = self._expanded_tiles(input_ids, n_encoded)  # (T',) indices into the encoded tiles
-            pixels = pixels[src.to(pixels.device)] if pixels is not None else None
-            pooled = {r: p[src.to(p.device)] for r, p in pooled.items()}
-            keys = keys[src.to(keys.device)] if keys is not None else None
-            hidden = hidden[src.to(hidden.device)] if hidden is not None else None
-        out_feats, images, start = [], [], 0
+        if feats.shape[0] != encoded.n_tiles:  # expanded by generate: map each tile back to the encoded one
+            encoded = encoded.take(self._expanded_tiles(input_ids, encoded.n_tiles))
+        out, start = [], 0
         for n in counts:
-            out_feats.append(feats[start:start + n].reshape(n * self.tokens_per_tile, feats.shape[-1]))  # (n*N', D)
             grid = None
             if n > 1:
-                if pixels is None:
+                if encoded.pixels is None:
                     raise ValueError("vlmdrop needs the tiles' pixel_values to recover an InternVL image's tile grid")
-                grid = infer_tile_grid(pixels[start:start + n - 1], pixels[start + n - 1])
-            im = self._layout(n, {r: p[start:start + n] for r, p in pooled.items()}, grid)
-            if keys is not None:
-                im.vit_keys = keys[start:start + n]  # (n, N', Dh) pooled keys, post-shuffle raster
-            if hidden is not None:
-                im.vit_hidden = hidden[start:start + n]  # (n, N', 4C) the projector's input, post-shuffle raster
-            images.append(im)
+                grid = infer_tile_grid(encoded.pixels[start:start + n - 1], encoded.pixels[start + n - 1])
+            tile = slice(start, start + n)
+            im = self._layout(n, {r: p[tile] for r, p in encoded.cls_rows.items()}, grid,
+                              vit_keys=None if encoded.keys is None else encoded.keys[tile],  # (n, N', Dh)
+                              vit_hidden=None if encoded.hidden is None else encoded.hidden[tile])  # (n, N', 4C)
+            rows = feats[tile].reshape(n * self.tokens_per_tile, feats.shape[-1])  # (n*N', D)
+            out.append(ImageInput(rows=rows, tokens=im))
             start += n
-        return out_feats, images
+        return out
 
     def _expanded_tiles(self, input_ids: torch.Tensor, n_encoded: int) -> torch.Tensor:
         """(T',) encoded tile of each tile after `generate` expanded a batch k-fold: rows repeated
@@ -263,24 +263,14 @@ class InternVLAdapter(HFVlmAdapter):
             counts.append(n // self.tokens_per_tile)
         return counts
 
-    def image_rows(self, enc: Any, input_ids: torch.Tensor) -> list[int]:
-        """Visual rows of each image in batch/prompt order, for the LLM stage: its run of placeholders
-        (tiles × tokens per tile, or what a vision stage kept once `input_ids` are compacted)."""
-        runs = self._placeholder_runs(input_ids)
-        # pooler_output: (T, N', D) one entry per tile, or (1, n_kept_total, D) re-packed by a vision stage
-        n_rows = sum(int(f.shape[0]) for f in enc.pooler_output)
-        if sum(runs) != n_rows:
-            raise ValueError(f"the placeholders describe {sum(runs)} visual rows ({runs} per image) but the "
-                             f"image features hold {n_rows} rows")
-        return runs
-
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
         new = type(enc)(**{k: v for k, v in enc.items()})
         new.pooler_output = torch.cat(feats)[None]  # (1, n_kept_total, D): the model only needs the row count
         return new
 
     # ---------------------------------------------------------------- layout
-    def _layout(self, n: int, cls_attn: dict[str, torch.Tensor], grid: tuple[int, int] | None) -> ImageTokens:
+    def _layout(self, n: int, cls_attn: dict[str, torch.Tensor], grid: tuple[int, int] | None,
+                **features: torch.Tensor | None) -> ImageTokens:
         hh, ww = self.crop_hw
         per = self.tokens_per_tile
         crop_of = torch.arange(n).repeat_interleave(per)  # (n*N',) tiles in processor order, thumbnail last
@@ -289,4 +279,5 @@ class InternVLAdapter(HFVlmAdapter):
         if grid is not None:
             base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=(0, 0, grid[0] * hh, grid[1] * ww))
         return ImageTokens(n_before=n * per, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw, n_crops=n,
-                           cls_attn=cls_attn, base_region=base_region, base_crop=n - 1 if n > 1 else 0, grid_hw=grid)
+                           cls_attn=cls_attn, base_region=base_region, base_crop=n - 1 if n > 1 else 0, grid_hw=grid,
+                           **features)

@@ -28,9 +28,9 @@ from torch import nn
 from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
-from .base import register_adapter
-from .hf_vlm import ENCODED_ATTR, HFVlmAdapter, feature_layer_index
-from .vision_capture import ClsRowCapture, FeatureCapture
+from .base import HFVlmAdapter, ImageInput, register_adapter
+from .hf_vlm import ENCODED_ATTR, feature_layer_index
+from .state import EncodeRecord
 
 
 @register_adapter
@@ -69,8 +69,6 @@ class LlavaAdapter(HFVlmAdapter):
         self.image_token_id = self.config.image_token_id
         pad = getattr(self.config.text_config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
-        self.capture: ClsRowCapture | None = None
-        self.features: FeatureCapture | None = None
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:
@@ -81,11 +79,11 @@ class LlavaAdapter(HFVlmAdapter):
             args["image_sizes"] = kw.get("image_sizes")
         return self.base.get_image_features(**args)
 
-    def _on_encoded(self, out: Any, image_sizes: Any) -> None:
+    def on_encoded(self, out: Any, image_sizes: Any, record: EncodeRecord) -> None:
         """Describe every image of a `get_image_features` call while its inputs are known; the
-        `ImageTokens` is attached to the image's feature tensor (`ENCODED_ATTR`)."""
-        rows = self.capture.take() if self.capture is not None else {}
-        keys, hidden = self.features.take() if self.features is not None else (None, None)
+        `ImageTokens` is attached to the image's feature tensor (`ENCODED_ATTR`: `generate` repeats
+        the tensors of `pooler_output` for beams, and every copy is the image it repeats)."""
+        rows, keys, hidden = record.cls_rows, record.keys, record.hidden
         feats = list(out.pooler_output)
         if self.is_next:
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -108,32 +106,27 @@ class LlavaAdapter(HFVlmAdapter):
         for i, (feat, size, n) in enumerate(zip(feats, sizes, n_crops)):
             cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
             try:
-                im = self._layout(feat, n, size, cls_attn)
+                im = self._layout(feat, n, size, cls_attn,
+                                  vit_keys=None if keys is None else keys[start:start + n, 1:],  # (n, h*w, Dh) CLS dropped
+                                  vit_hidden=None if hidden is None else hidden[start:start + n])  # (n, h*w, C)
             except (ValueError, AssertionError) as e:
                 where = f"image {i} of {len(feats)} in this batch"
                 if size is not None:
                     where += f" (image_sizes (H, W) = {size}, {n} crops)"
                 raise type(e)(f"{where}: {e}") from e
-            if keys is not None:
-                im.vit_keys = keys[start:start + n, 1:]  # (n, h*w, Dh) CLS row dropped
-            if hidden is not None:
-                im.vit_hidden = hidden[start:start + n]  # (n, h*w, C) the projector's input (CLS already removed)
             setattr(feat, ENCODED_ATTR, im)
             start += n
 
-    def describe(self, enc: Any) -> list[ImageTokens]:
-        """One `ImageTokens` per pooler_output entry (entries repeated by `generate` share one)."""
-        images = []
-        for feat in enc.pooler_output:
-            im = getattr(feat, ENCODED_ATTR, None)
-            if im is None:
+    def images(self, enc: Any, input_ids: torch.Tensor, *, layouts: bool = True) -> list[ImageInput]:
+        """One image per pooler_output entry (entries repeated by `generate` share one description)."""
+        out = []
+        for feat in enc.pooler_output:  # (n_before, D) each
+            im = getattr(feat, ENCODED_ATTR, None) if layouts else None
+            if layouts and im is None:
                 raise ValueError("these image features were not encoded while vlmdrop was applied "
                                  "(pass pixel_values, or call generate, with the method applied)")
-            images.append(ImageTokens(n_before=im.n_before, crop_of=im.crop_of, local_index=im.local_index,
-                                      crop_hw=im.crop_hw, n_crops=im.n_crops, cls_attn=im.cls_attn,
-                                      base_region=im.base_region, grid_hw=im.grid_hw,
-                                      vit_hidden=im.vit_hidden, vit_keys=im.vit_keys))
-        return images
+            out.append(ImageInput(rows=feat, tokens=im))
+        return out
 
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
         new = type(enc)(**{k: v for k, v in enc.items()})
@@ -142,14 +135,15 @@ class LlavaAdapter(HFVlmAdapter):
 
     # ---------------------------------------------------------------- layout
     def _layout(self, feat: torch.Tensor, n_crops: int, size: tuple[int, int] | None,
-                cls_attn: dict[str, torch.Tensor]) -> ImageTokens:
+                cls_attn: dict[str, torch.Tensor], **features: torch.Tensor | None) -> ImageTokens:
         h, w = self.crop_hw
         n_before = feat.shape[0]
         if not self.is_next:
             if n_before != h * w:
                 raise ValueError(f"image has {n_before} rows, expected {h}x{w}")
             return ImageTokens(n_before=n_before, crop_of=torch.zeros(n_before, dtype=torch.long),
-                               local_index=torch.arange(n_before), crop_hw=self.crop_hw, n_crops=1, cls_attn=cls_attn)
+                               local_index=torch.arange(n_before), crop_hw=self.crop_hw, n_crops=1, cls_attn=cls_attn,
+                               **features)
         # Index tensors through the model's own packing: channel 0 = crop, channel 1 = patch index.
         crop = torch.arange(n_crops, dtype=torch.float64)[:, None].expand(n_crops, h * w)
         patch = torch.arange(h * w, dtype=torch.float64)[None, :].expand(n_crops, h * w)
@@ -170,7 +164,7 @@ class LlavaAdapter(HFVlmAdapter):
             box = content_box_from_layout(crop_of, local, crop_hw=self.crop_hw, grid_hw=grid)
             base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=box)
         return ImageTokens(n_before=n_before, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw,
-                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region, grid_hw=grid)
+                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region, grid_hw=grid, **features)
 
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape

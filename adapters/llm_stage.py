@@ -3,10 +3,9 @@
 What the engine needs from a model, and nothing more: the language model module (a Llama-style
 decoder stack called with a 2-D `attention_mask`), its decoder layers, its rotary embedding, its
 text config, and — per prefill, from the adapter — where each image's tokens sit in the sequence
-(`ImageSpan`).  Any adapter (LLaVA, LLaVA-NeXT, InternVL, ...) plugs in by calling
-`LLMStageEngine.begin_prefill(spans, base_stats)` right before the language model runs, inside a
-top-level call of its `CallScope`: everything one forward computes lives in that call's `Call`
-(`llm_spans`, then `llm`, a `_Forward`), never on the engine; decode state hangs off the cache.
+(`ImageSpan`, which the prefill hook, `adapters/prefill.py`, puts in the running `Call.spans`).
+Everything one forward computes lives in that call (`Call.llm`, an `LLMForward`), never on the
+engine; what decode steps need goes in the call's `CacheState.llm`, keyed to the cache at the end.
 
 Per drop layer K (one for FastV, one per stage boundary for PyramidDrop), the scores are the last
 prompt token's attention row, mean over heads (`vlmdrop.ops.llm_scores`), the same under eager,
@@ -36,7 +35,6 @@ Then:
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,26 +42,13 @@ import torch
 from torch import nn
 
 from vlmdrop.interface import LLMMethod
-from vlmdrop.ops.compact import compact_positions, plan_compaction
+from vlmdrop.ops.compact import compact_positions, last_index, plan_compaction, scatter_back
 from vlmdrop.ops.llm_scores import last_token_attention
 from vlmdrop.stats import ImageStats
 
-from .engine import CallScope
+from .state import CallScope, ImageSpan
 
 logger = logging.getLogger("vlmdrop")
-
-
-@dataclass
-class ImageSpan:
-    """One image's tokens in the sequence the language model receives.
-
-    Attributes:
-        sample: batch row.
-        positions: (n,) ascending sequence positions of the image's tokens.
-    """
-
-    sample: int
-    positions: torch.Tensor
 
 
 @dataclass
@@ -80,7 +65,9 @@ class _Stage:
 
 
 @dataclass
-class _Decode:
+class LLMDecode:
+    """What decode steps on a cache need from the prefill that filled it."""
+
     orig_len: int
     stages: list[_Stage]
 
@@ -88,13 +75,12 @@ class _Decode:
 @dataclass
 class _Image:
     span: ImageSpan
-    base: ImageStats
     present: torch.Tensor  # (n_present,) indices into the span that are still in the sequence
     layer_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
-class _Forward:
+class LLMForward:
     """State of one language-model forward."""
 
     mode: str  # "prefill" or "decode"
@@ -132,7 +118,7 @@ class LLMStageEngine:
         rotary_emb: the module mapping `(x, position_ids)` to `(cos, sin)`.
         config: the text config (`num_attention_heads`, `num_key_value_heads`, `_attn_implementation`).
         method: the `LLMMethod`.
-        scope: the top-level model's `CallScope`; each prefill's per-image stats go to its `Call.images`.
+        scope: the top-level model's `CallScope`; each prefill's per-image stats go to its `Call.stats`.
     """
 
     def __init__(self, *, language_model: nn.Module, layers: list[nn.Module], rotary_emb: nn.Module, config: Any,
@@ -144,7 +130,6 @@ class LLMStageEngine:
         self.score_rule = method.score_layer
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Decode
         self._handles: list[Any] = []
         try:
             self._install()
@@ -184,20 +169,8 @@ class LLMStageEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._states = weakref.WeakKeyDictionary()
 
-    def begin_prefill(self, spans: list[ImageSpan], base: list[ImageStats]) -> None:
-        """Called by the adapter, inside a top-level call, before a language-model forward that carries
-        images: one span and one stats record (what the vision stage, if any, kept; `kept_indices` into
-        `n_before`) per image."""
-        if len(spans) != len(base):
-            raise AssertionError(f"{len(spans)} image spans but {len(base)} stats records")
-        call = self.scope.current
-        if call is None:
-            raise AssertionError("begin_prefill called outside a top-level call of the patched model")
-        call.llm_spans = (spans, base)
-
-    def _fwd(self) -> _Forward | None:
+    def _fwd(self) -> LLMForward | None:
         """The calling thread's running language-model forward, or None."""
         call = self.scope.current
         return call.llm if call is not None else None
@@ -207,7 +180,7 @@ class LLMStageEngine:
         call = self.scope.current
         if call is None:
             return  # the language model run on its own, not through the patched model: nothing to do
-        pending, call.llm_spans, call.llm = call.llm_spans, None, None
+        spans, call.spans, call.llm = call.spans, None, None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         x = kwargs.get("inputs_embeds")
         if x is None:
@@ -215,43 +188,27 @@ class LLMStageEngine:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"vlmdrop LLM-stage methods need a 2-D attention_mask, got shape {tuple(mask.shape)}")
-        if pending is not None and any(s.positions.numel() for s in pending[0]):
-            if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-                raise ValueError("vlmdrop: images in a forward that continues a non-empty cache are not supported")
+        if spans is not None and any(s.positions.numel() for s in spans):
             b, length = x.shape[0], x.shape[1]
             mask2d = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=x.device)
-            call.llm = self._start_prefill(pending, mask2d, cache)
+            call.llm = self._start_prefill(spans, mask2d, cache)
             return
-        if cache is not None:
-            try:
-                state = self._states.get(cache)
-            except TypeError:
-                state = None
-            if state is not None:
-                call.llm = _Forward(mode="decode", cache=cache, mask2d=mask, stages=state.stages,
-                                    length=state.orig_len)
+        state = call.cache.llm if call.cache is not None else None
+        if state is not None:
+            call.llm = LLMForward(mode="decode", cache=cache, mask2d=mask, stages=state.stages, length=state.orig_len)
 
-    def _start_prefill(self, pending: tuple[list[ImageSpan], list[ImageStats]], mask2d: torch.Tensor,
-                       cache: Any) -> _Forward:
-        spans, base = pending
+    def _start_prefill(self, spans: list[ImageSpan], mask2d: torch.Tensor, cache: Any) -> LLMForward:
         b, length = mask2d.shape
-        last = self._last_index(mask2d)  # (B,)
+        last = last_index(mask2d)  # (B,)
         images = []
-        for span, st in zip(spans, base):
+        for span in spans:
             pos = span.positions.to(mask2d.device)
             if pos.numel() and bool((pos == last[span.sample]).any()):
                 raise ValueError(f"sample {span.sample}: the last prompt token (position {int(last[span.sample])}) is "
                                  "an image token; LLM-stage methods rank image tokens by the last prompt token's "
                                  "attention, so the prompt must end with text")
-            images.append(_Image(span=span, base=st, present=torch.arange(pos.numel(), device=mask2d.device)))
-        return _Forward(mode="prefill", cache=cache, mask2d=mask2d, length=length, images=images)
-
-    @staticmethod
-    def _last_index(mask2d: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool -> (B,) position of the last True (the last prompt token of each row)."""
-        n = mask2d.shape[1]
-        idx = torch.arange(n, device=mask2d.device).expand_as(mask2d)
-        return torch.where(mask2d, idx, -1).max(dim=1).values.clamp(min=0)
+            images.append(_Image(span=span, present=torch.arange(pos.numel(), device=mask2d.device)))
+        return LLMForward(mode="prefill", cache=cache, mask2d=mask2d, length=length, images=images)
 
     def _lm_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call = self.scope.current
@@ -264,7 +221,7 @@ class LLMStageEngine:
         for im in fwd.images:
             while len(im.layer_tokens) < self.num_layers:
                 im.layer_tokens.append(int(im.present.numel()))
-            st = im.base
+            st = im.span.base
             # the image's rows are the vision stage's kept positions, then its new (merged / pooled) rows
             present = im.present.to(st.kept_indices.device)  # (n,) surviving rows, ascending
             n_orig = int(st.kept_indices.numel())
@@ -276,12 +233,9 @@ class LLMStageEngine:
                                     kept_indices=kept, crop_budgets=list(st.crop_budgets),
                                     crop_kept=list(st.crop_kept), method=name, layer_tokens=list(im.layer_tokens),
                                     n_new=len(new), new_groups=groups))
-        call.images = stats
-        cache = getattr(output, "cache", None)
-        if cache is None and isinstance(output, dict):
-            cache = output.get("past_key_values")
-        if cache is not None and fwd.stages:
-            self._states[cache] = _Decode(orig_len=fwd.length, stages=fwd.stages)
+        call.stats = stats
+        if fwd.stages and call.cache is not None:
+            call.cache.llm = LLMDecode(orig_len=fwd.length, stages=fwd.stages)
 
     # --------------------------------------------------------------- scoring
     def _attn_pre(self, k: int):
@@ -315,20 +269,20 @@ class LLMStageEngine:
 
         return hook
 
-    def _scores(self, fwd: _Forward, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+    def _scores(self, fwd: LLMForward, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         """(B, L_prev) the last prompt token's attention over the sequence layers < K see, from an
         attention module's queries (B, L_prev, H*D) or query rows (B, H*D) and keys (B, L_prev, Hkv*D)."""
         key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
         key_mask = key_mask.to(k.device)
-        last = self._last_index(key_mask)  # (B,)
+        last = last_index(key_mask)  # (B,)
         causal = torch.arange(key_mask.shape[1], device=key_mask.device)[None] <= last[:, None]  # (B, L_prev)
         return last_token_attention(
             q, k, cos=cos, sin=sin, query_index=last, key_mask=key_mask & causal,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=float(attn.scaling),
             q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
 
-    def _score_current(self, fwd: _Forward, k: int, args: tuple, kwargs: dict) -> None:
+    def _score_current(self, fwd: LLMForward, k: int, args: tuple, kwargs: dict) -> None:
         """PyramidDrop's official rule: layer k's own q/k on its (not yet reduced) input."""
         layer = self.layers[k]
         attn = layer.self_attn
@@ -342,7 +296,7 @@ class LLMStageEngine:
             raise ValueError(f"decoder layer {k} received no position_embeddings; vlmdrop supports RoPE "
                              "decoders that pass (cos, sin) to every layer")
         key_mask = fwd.stages[-1].prefix_mask if fwd.stages else fwd.mask2d  # (B, L_prev)
-        last = self._last_index(key_mask).to(hidden.device)  # (B,)
+        last = last_index(key_mask).to(hidden.device)  # (B,)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         normed = layer.input_layernorm(hidden)  # (B, L_prev, D)
         keys = attn.k_proj(normed).detach()  # (B, L_prev, Hkv*Dh)
@@ -376,14 +330,14 @@ class LLMStageEngine:
         return hook
 
     @staticmethod
-    def _stage_of(fwd: _Forward, i: int) -> int:
+    def _stage_of(fwd: LLMForward, i: int) -> int:
         s = -1
         for j, st in enumerate(fwd.stages):
             if st.layer <= i:
                 s = j
         return s
 
-    def _drop(self, fwd: _Forward, k: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _drop(self, fwd: LLMForward, k: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Remove the image tokens the method drops at layer k from `hidden_states`."""
         hidden = _hidden_from(args, kwargs)  # (B, L_prev, D)
         scores = fwd.scores.pop(k, None)
@@ -419,7 +373,7 @@ class LLMStageEngine:
         if prev is None:
             fwd.full = hidden  # (B, L, D)
         else:
-            fwd.full = self._scatter_back(fwd.full, prev, hidden)
+            fwd.full = scatter_back(fwd.full, prev.src, prev.valid, hidden)
         plan = plan_compaction(alive)
         src, valid = plan.src.to(device), plan.valid.to(device)  # (B, L_s)
         where = torch.full((b, length), -1, dtype=torch.long, device=device)
@@ -440,14 +394,7 @@ class LLMStageEngine:
         fwd.stages.append(stage)
         return _with_hidden(args, kwargs, new_hidden)
 
-    @staticmethod
-    def _scatter_back(full: torch.Tensor, stage: _Stage, hidden: torch.Tensor) -> torch.Tensor:
-        """`full` (B, L, D) with the slots of `stage` (`hidden`, (B, L_s, D)) written at their prefill positions."""
-        src, v = stage.src.to(hidden.device), stage.valid.to(hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(src)  # (B, L_s)
-        return full.to(device=hidden.device, dtype=hidden.dtype).index_put((rows[v], src[v]), hidden[v])
-
-    def _stage_kwargs(self, fwd: _Forward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
+    def _stage_kwargs(self, fwd: LLMForward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
         """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; positions None
         when the layers keep the ones they receive."""
         from transformers.masking_utils import create_causal_mask
@@ -484,94 +431,5 @@ class LLMStageEngine:
         if fwd is None or fwd.mode != "prefill" or not fwd.stages:
             return None
         hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
-        full = self._scatter_back(fwd.full, fwd.stages[-1], hidden)  # (B, L, D)
+        full = scatter_back(fwd.full, fwd.stages[-1].src, fwd.stages[-1].valid, hidden)  # (B, L, D)
         return (full, *output[1:]) if isinstance(output, tuple) else full
-
-
-class LLMStageSpans:
-    """Top-level glue for models whose images fill `<image>` placeholders of `input_ids`.
-
-    A forward pre-hook on the top-level model, registered after any vision-stage engine (so it sees
-    the compacted `input_ids`), finds each image's placeholders — the images' rows in order, matched to
-    the placeholders in raster order — and hands them to an `LLMStageEngine`.  A plain `model(**inputs)`
-    call carries `pixel_values`: the images are encoded here once with the model's own
-    `get_image_features` (`adapter.encode`) and passed on as `mm_encoder_outputs`, as `generate` does.
-
-    The adapter supplies `encode(kwargs)` and `image_token_id`.  An adapter whose pooler_output is not
-    one entry per image (InternVL: one per tile, or one re-packed entry after a vision stage) also
-    supplies `image_rows(encoder_output, input_ids) -> rows per image`, in batch/prompt order.
-
-    A stacked vision stage hands its per-image stats over in the call's `Call.images`.  A prefill that
-    keeps no cache and receives its images pre-encoded is what every step of `generate(use_cache=False)`
-    is (each step re-runs the prefill on the whole sequence, so the ranking would follow the newest
-    token, not the prompt): it is refused with a ValueError.  A plain `model(**inputs, use_cache=False)`
-    (images as `pixel_values`) is one prefill and runs.
-    """
-
-    def __init__(self, adapter: Any, method: LLMMethod, scope: CallScope, *, language_model: nn.Module,
-                 layers: list[nn.Module], rotary_emb: nn.Module, config: Any, vision_stage: bool) -> None:
-        import inspect
-
-        self.adapter, self.scope, self.vision_stage = adapter, scope, vision_stage
-        self.method_name = method.config.name
-        self.model: nn.Module = adapter.model
-        self._signature = inspect.signature(self.model.forward)
-        self.engine = LLMStageEngine(language_model=language_model, layers=layers, rotary_emb=rotary_emb,
-                                     config=config, method=method, scope=scope)
-        self._handle = self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self.engine.remove()
-
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bound = self._signature.bind_partial(*args, **kwargs)
-        kw = dict(bound.arguments)
-        extra = kw.pop("kwargs", None)
-        if isinstance(extra, dict):
-            kw.update(extra)
-        mm = kw.get("mm_encoder_outputs") or {}
-        if kw.get("pixel_values") is None and mm.get("image") is None:
-            return None
-        call = self.scope.current
-        if call is None:
-            raise AssertionError("vlmdrop: a forward with images ran without its per-call state")
-        cache = kw.get("cache", kw.get("past_key_values"))
-        if call.pre_encoded and call.use_cache is False and cache is None:
-            raise ValueError(
-                f"vlmdrop: {self.method_name!r} is an LLM-stage method and generate(use_cache=False) re-runs the "
-                "prefill at every step (on the prompt plus the tokens generated so far), so the image tokens "
-                "would be re-ranked by the newest token instead of the prompt's last token: call generate with "
-                "use_cache=True (the default).  (A forward given pre-encoded images, mm_encoder_outputs, with "
-                "use_cache=False is taken for such a step; a single model(**inputs, use_cache=False) with "
-                "pixel_values is fine.)")
-        changed = False
-        if kw.get("pixel_values") is not None:
-            enc = self.adapter.encode(kw)
-            kw["pixel_values"] = None
-            kw["mm_encoder_outputs"] = {**mm, "image": enc}
-            changed = True
-        enc = kw["mm_encoder_outputs"]["image"]
-        input_ids = kw.get("input_ids")
-        if input_ids is None:
-            raise ValueError("vlmdrop needs input_ids (with image placeholders) when images are passed; "
-                             "inputs_embeds with images is not supported")
-        rows, cols = (input_ids == self.adapter.image_token_id).nonzero(as_tuple=True)
-        image_rows = getattr(self.adapter, "image_rows", None)  # adapters whose pooler_output is not per image
-        counts = image_rows(enc, input_ids) if image_rows is not None else [int(f.shape[0]) for f in enc.pooler_output]
-        if rows.numel() != sum(counts):
-            raise ValueError(f"the input has {rows.numel()} image placeholders but the images give {sum(counts)} rows")
-        spans, offset = [], 0
-        for n in counts:
-            sample = int(rows[offset]) if n else 0
-            spans.append(ImageSpan(sample=sample, positions=cols[offset:offset + n]))
-            offset += n
-        if self.vision_stage:
-            base = list(call.images or [])
-            if [s.n_kept for s in base] != counts:
-                raise AssertionError(f"vision stage kept {[s.n_kept for s in base]} rows, the input has {counts}")
-        else:
-            base = [ImageStats(sample=sp.sample, n_before=n, n_kept=n, kept_indices=torch.arange(n), crop_budgets=[],
-                               crop_kept=[], method="") for sp, n in zip(spans, counts)]
-        self.engine.begin_prefill(spans, base)
-        return ((), kw) if changed else None

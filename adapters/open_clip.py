@@ -20,7 +20,6 @@ block L (selection), all removed by `remove()`; nothing else is changed.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +27,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlmdrop.interface import ImageTokens, VisionMethod
+from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
+from vlmdrop.methods.select import select_images
 from vlmdrop.ops.attention import cls_attention_from_projections
-from vlmdrop.ops.budget import resolve_budget
-from vlmdrop.stats import DropStats, ImageStats
+from vlmdrop.stats import DropStats
 
-from .base import Adapter, register_adapter
-
-logger = logging.getLogger("vlmdrop")
+from .base import Adapter, Installation, register_adapter
 
 _TOWER_ATTR = "_vlmdrop_tower_handle"  # on the tower instance while a method is applied (for kept_tokens)
 
@@ -116,40 +113,29 @@ class _TowerDrop:
         if t != 1 + n:
             raise ValueError(f"block input has {t} tokens, expected 1 + {n} (patch dropout active? "
                              "vlmdrop needs the tower in eval mode)")
-        n_keep = resolve_budget(self.method.config.budget, n)
-        gen = None
-        seed = getattr(self.method.config, "seed", None)
-        if seed is not None:
-            gen = torch.Generator()
-            gen.manual_seed(int(seed))
         feat_cap = self.captures[self.roles["feature"]] if "feature" in self.roles else None
-        rows, stats = [], []
         h, w = a.grid
+        images = []
         for i in range(bsz):
             cls_attn = {role: self.captures[idx].cls_row[i:i + 1, :, 1:] for role, idx in self.roles.items()}  # (1, H, N)
             keys = feat_cap.keys[i:i + 1, 1:] if feat_cap is not None else None  # (1, N, Dh)
-            image = ImageTokens(n_before=n, crop_of=torch.zeros(n, dtype=torch.long), local_index=torch.arange(n),
-                                crop_hw=(h, w), n_crops=1, cls_attn=cls_attn, sample=i,
-                                vit_hidden=x[i:i + 1, 1:], vit_keys=keys)
-            if n_keep == n:
-                sel_kept, new, groups, budgets = torch.arange(n), None, None, [n]
-            else:
-                sel = self.method.select(image, n_keep, generator=gen)
-                sel_kept, new, groups, budgets = sel.kept_indices, sel.new_rows, sel.new_groups, sel.crop_budgets
-            n_new = 0 if new is None else int(new.shape[0])
-            if sel_kept.numel() + n_new != n_keep:
-                raise AssertionError(f"{self.method.config.name} gave {sel_kept.numel() + n_new} rows, budget says {n_keep}")
-            parts = [x[i, :1], x[i, 1 + sel_kept.to(x.device)]]  # CLS, kept patches
-            if n_new:
-                parts.append(new.to(x.dtype))
-            rows.append(torch.cat(parts))  # (1 + n_keep, C)
-            stats.append(ImageStats(sample=i, n_before=n, n_kept=n_keep, kept_indices=sel_kept.cpu(),
-                                    crop_budgets=list(budgets), crop_kept=list(budgets),
-                                    method=self.method.config.name, n_new=n_new,
-                                    new_groups=None if groups is None else [g.cpu() for g in groups]))
-        self.handle._set_stats(DropStats(images=stats))
-        if n_keep == n:
+            images.append(ImageTokens(n_before=n, crop_of=torch.zeros(n, dtype=torch.long), local_index=torch.arange(n),
+                                      crop_hw=(h, w), n_crops=1, cls_attn=cls_attn, sample=i,
+                                      vit_hidden=x[i:i + 1, 1:], vit_keys=keys))
+        chosen = select_images(self.method, images)
+        self.handle.stats = DropStats(images=[ch.stats for ch in chosen])
+        n_keep = {ch.stats.n_kept for ch in chosen}
+        if n_keep == {n}:
             return None  # every patch kept: the tower runs untouched
+        if len(n_keep) != 1:
+            raise AssertionError(f"images of one batch got different token counts {sorted(n_keep)}")
+        rows = []
+        for i, ch in enumerate(chosen):
+            sel = ch.selection
+            parts = [x[i, :1], x[i, 1 + sel.kept_indices.to(x.device)]]  # CLS, kept patches
+            if sel.n_new:
+                parts.append(sel.new_rows.to(x.dtype))
+            rows.append(torch.cat(parts))  # (1 + n_keep, C)
         out = torch.stack(rows)  # (B, 1 + n_keep, C)
         out = out if a.batch_first else out.transpose(0, 1)
         if key is None:
@@ -185,7 +171,11 @@ class OpenClipAdapter(Adapter):
         self.grid = (gh, gw)
         self.n_patches = gh * gw
 
-    def install(self, method: VisionMethod, handle: Any, *, layer: int | None = None) -> _TowerDrop:
+    def install(self, vision: VisionMethod | None, llm: LLMMethod | None, handle: Any, *,
+                layer: int | None = None) -> Installation:
+        if vision is None or llm is not None:
+            raise ValueError("open_clip towers take one vision-stage method (no LLM-stage method)")
+        method = vision
         n_layers = len(self.blocks)
         other = self.visual.__dict__.get(_TOWER_ATTR)
         if other is not None and other.active:
@@ -198,9 +188,6 @@ class OpenClipAdapter(Adapter):
                              f"1..{n_layers - 1} (or -{n_layers - 1}..-1); blocks layer.. run on the kept tokens "
                              "and block layer-1 scores them")
         layer %= n_layers
-        if getattr(method.config, "stage", "vision") != "vision":
-            raise ValueError(f"method {method.config.name!r} is not a vision-stage method; open_clip towers take "
-                             "vision-stage methods only")
         roles = method.vit_layers(n_layers, layer - 1)
         late = {r: i for r, i in roles.items() if i >= layer}
         if late:
@@ -210,9 +197,11 @@ class OpenClipAdapter(Adapter):
         try:
             for i, attn in attn_of.items():
                 captures[i] = _BlockCapture(attn, batch_first=self.batch_first)
-            if "vit_keys" in getattr(method.config, "needs", ()) and "feature" not in roles:
+            if "vit_keys" in method.config.needs and "feature" not in roles:
                 raise ValueError(f"method {method.config.name!r} needs keys but scores no feature layer")
-            return _TowerDrop(self, method, handle, layer, roles, captures)
+            inst = Installation(self)
+            inst.parts.append(_TowerDrop(self, method, handle, layer, roles, captures))
+            return inst
         except BaseException:
             for c in captures.values():
                 c.remove()

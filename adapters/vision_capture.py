@@ -9,10 +9,10 @@ Additive options: `q_name`/`k_name` hook other submodules (InternVL's `q_norm`/`
 the projections and are `nn.Identity` without qk-norm); roles in `logit_roles` keep the pre-softmax
 scaled dot products q·k·scale (GlobalCom2's score) instead of the softmax row.
 
-State: the hooks record only between `begin()` and `end()` (the adapter brackets each
-`get_image_features` call with them), into buffers of the calling thread; so a vision forward that
-failed leaves nothing for the next one, two threads' encodes never mix, and a projector or tower run
-outside an encode (e.g. `project`) records nothing.
+State: the hooks record only between `begin(record)` and `end()` (the adapter brackets each
+`get_image_features` call with them), into that call's `EncodeRecord` (`adapters/state.py`), found
+through a thread-local; so a vision forward that failed leaves nothing for the next one, two threads'
+encodes never mix, and a projector or tower run outside an encode (e.g. `project`) records nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +23,38 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlmdrop.ops.attention import cls_attention_from_projections
+from vlmdrop.ops.attention import cls_attention_from_projections, cls_logits_from_projections
+
+from .state import EncodeRecord
 
 
-class ClsRowCapture:
-    """Collects, per role, the CLS attention row of one ViT attention module per forward.
+class _Recorder:
+    """Hooks that record into the calling thread's open `EncodeRecord`, if any."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # .record: the EncodeRecord of this thread's open encode
+        self.handles: list[RemovableHandle] = []
+
+    def begin(self, record: EncodeRecord) -> None:
+        """Start recording, in the calling thread, into `record`."""
+        self._local.record = record
+
+    def end(self) -> None:
+        """Stop recording in the calling thread."""
+        self._local.record = None
+
+    def record(self) -> EncodeRecord | None:
+        return getattr(self._local, "record", None)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._local = threading.local()
+
+
+class ClsRowCapture(_Recorder):
+    """Records, per role, the CLS attention row of one ViT attention module into `EncodeRecord.cls_rows`.
 
     Args:
         modules: role -> attention module with `q_proj` and `k_proj` linear layers.
@@ -39,11 +66,10 @@ class ClsRowCapture:
 
     def __init__(self, modules: dict[str, nn.Module], *, num_heads: int, scale: float, q_name: str = "q_proj",
                  k_name: str = "k_proj", logit_roles: tuple[str, ...] | frozenset[str] = ()) -> None:
+        super().__init__()
         self.num_heads = num_heads
         self.scale = scale
         self.logit_roles = frozenset(logit_roles)
-        self._local = threading.local()  # .buffers: (rows, pending queries) of this thread's open encode
-        self.handles: list[RemovableHandle] = []
         for role, mod in modules.items():
             for proj in (q_name, k_name):
                 if not isinstance(getattr(mod, proj, None), nn.Module):
@@ -51,69 +77,29 @@ class ClsRowCapture:
             self.handles.append(getattr(mod, q_name).register_forward_hook(self._on_q(role)))
             self.handles.append(getattr(mod, k_name).register_forward_hook(self._on_k(role)))
 
-    def begin(self) -> None:
-        """Start recording, in the calling thread, with empty buffers."""
-        self._local.buffers = ({}, {})
-
-    def end(self) -> None:
-        """Stop recording in the calling thread and drop its buffers."""
-        self._local.buffers = None
-
-    def _buffers(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        return getattr(self._local, "buffers", None)
-
     def _on_q(self, role: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            buf = self._buffers()
-            if buf is not None:
-                buf[1][role] = out[:, 0].detach()  # (C, D) CLS query of every crop
+            rec = self.record()
+            if rec is not None:
+                rec.queries[role] = out[:, 0].detach()  # (C, D) CLS query of every crop
 
         return hook
 
     def _on_k(self, role: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            buf = self._buffers()
-            q = buf[1].pop(role, None) if buf is not None else None
+            rec = self.record()
+            q = rec.queries.pop(role, None) if rec is not None else None
             if q is None:
                 return  # not recording, or k computed without a preceding q: not an attention forward we understand
-            if role in self.logit_roles:
-                row = _cls_logits(q, out.detach(), num_heads=self.num_heads, scale=self.scale)
-            else:
-                row = cls_attention_from_projections(q, out.detach(), num_heads=self.num_heads, scale=self.scale)
-            buf[0][role] = row  # (C, H, N)
+            row_of = cls_logits_from_projections if role in self.logit_roles else cls_attention_from_projections
+            rec.cls_rows[role] = row_of(q, out.detach(), num_heads=self.num_heads, scale=self.scale)  # (C, H, N)
 
         return hook
 
-    def take(self) -> dict[str, torch.Tensor]:
-        """The rows recorded since `begin()` in the calling thread, by role (cleared)."""
-        buf = self._buffers()
-        if buf is None:
-            return {}
-        rows = dict(buf[0])
-        buf[0].clear()
-        return rows
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self._local = threading.local()
-
-
-def _cls_logits(q: torch.Tensor, k: torch.Tensor, *, num_heads: int, scale: float) -> torch.Tensor:
-    """(C, H, N) pre-softmax CLS logits q_cls·k·scale, float32, from q (C, D) and k (C, N, D)."""
-    c, n, d = k.shape
-    if d % num_heads:
-        raise ValueError(f"hidden size {d} is not divisible by num_heads={num_heads}")
-    qh = q.float().reshape(c, num_heads, 1, d // num_heads)  # (C, H, 1, hd)
-    kh = k.float().reshape(c, n, num_heads, d // num_heads).transpose(1, 2)  # (C, H, N, hd)
-    return (qh @ kh.transpose(-1, -2))[:, :, 0] * scale  # (C, H, N)
-
-
-class FeatureCapture:
-    """Collects a feature layer's keys (averaged over heads) and the features a projector receives.
-
-    Records only between `begin()` and `end()`, per thread, as `ClsRowCapture`.
+class FeatureCapture(_Recorder):
+    """Records a feature layer's keys (averaged over heads, `EncodeRecord.keys`) and the features a
+    projector receives (`EncodeRecord.hidden`).
 
     Args:
         k_proj: the feature layer's key projection (output (C, N, H*Dh)); None = no keys.
@@ -122,44 +108,23 @@ class FeatureCapture:
     """
 
     def __init__(self, *, k_proj: nn.Module | None, projector: nn.Module | None, num_heads: int) -> None:
+        super().__init__()
         self.num_heads = num_heads
-        self._local = threading.local()  # .buffers: {"keys": ..., "hidden": ...} of this thread's open encode
-        self.handles: list[RemovableHandle] = []
         if k_proj is not None:
             self.handles.append(k_proj.register_forward_hook(self._on_k))
         if projector is not None:
             self.handles.append(projector.register_forward_pre_hook(self._on_projector))
 
-    def begin(self) -> None:
-        """Start recording, in the calling thread, with empty buffers."""
-        self._local.buffers = {}
-
-    def end(self) -> None:
-        """Stop recording in the calling thread and drop its buffers."""
-        self._local.buffers = None
-
     def _on_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        buf = getattr(self._local, "buffers", None)
-        if buf is None:
+        rec = self.record()
+        if rec is None:
             return
         c, n, d = out.shape
         if d % self.num_heads:
             raise ValueError(f"key size {d} is not divisible by num_heads={self.num_heads}")
-        buf["keys"] = out.detach().reshape(c, n, self.num_heads, d // self.num_heads).mean(dim=2)  # (C, N, Dh)
+        rec.keys = out.detach().reshape(c, n, self.num_heads, d // self.num_heads).mean(dim=2)  # (C, N, Dh)
 
     def _on_projector(self, module: nn.Module, args: tuple) -> None:
-        buf = getattr(self._local, "buffers", None)
-        if buf is not None and args:
-            buf["hidden"] = args[0].detach()  # (C, N', D)
-
-    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(keys, hidden) recorded since `begin()` in the calling thread, cleared."""
-        buf = getattr(self._local, "buffers", None) or {}
-        out = (buf.pop("keys", None), buf.pop("hidden", None))
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self._local = threading.local()
+        rec = self.record()
+        if rec is not None and args:
+            rec.hidden = args[0].detach()  # (C, N', D)

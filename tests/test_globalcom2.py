@@ -10,7 +10,7 @@ import vlmdrop
 from vlmdrop.interface import ImageTokens
 from vlmdrop.methods.globalcom2 import GlobalCom2, GlobalCom2Config, _crop_boxes
 from vlmdrop.ops.globalcom2 import crop_keep_counts, crop_retention, crop_token_scores, official_crop_boxes
-from vlmdrop.ops.hired import top_positions
+from vlmdrop.ops.topk import top_k
 
 from conftest import batch, get_model
 
@@ -40,8 +40,8 @@ def test_internvl_layout_budgets_and_picks_follow_the_formulas():
     for crop, (c0, c1) in enumerate([(0, 4), (4, 8)]):
         local = crop_token_scores(s[crop], s[2].reshape(4, 4), full_hw=(4, 8), crop_rows=(0, 4), crop_cols=(c0, c1))
         got = kept[(kept // 16) == crop] % 16
-        assert got.tolist() == top_positions(local, expected[crop]).tolist()
-    assert (kept[kept >= 32] - 32).tolist() == top_positions(s[2], expected[2]).tolist()
+        assert got.tolist() == top_k(local, expected[crop]).tolist()
+    assert (kept[kept >= 32] - 32).tolist() == top_k(s[2], expected[2]).tolist()
 
 
 def test_thumbnail_attention_moves_budget_to_its_crop():
@@ -91,7 +91,7 @@ def test_llava_next_layout_picks_and_newlines():
     local = crop_token_scores(s[1][image.local_index[pos1]], s[0].reshape(4, 4), full_hw=(2, 8), crop_rows=(0, 2),
                               crop_cols=(0, 4))
     assert sel.kept_indices[torch.isin(sel.kept_indices, pos1)].tolist() == \
-        pos1[top_positions(local, sel.crop_budgets[1])].tolist()
+        pos1[top_k(local, sel.crop_budgets[1])].tolist()
     full = method.select(image, image.n_before)
     assert full.kept_indices.tolist() == list(range(image.n_before))
 
@@ -110,6 +110,7 @@ def test_config_errors_carry_values():
 
 def test_logit_capture_softmaxes_to_eager_attention():
     """The pre-softmax role: softmax over (CLS + patches) of the captured logits is the eager row."""
+    from vlmdrop.adapters.state import EncodeRecord
     from vlmdrop.adapters.vision_capture import ClsRowCapture
 
     model, proc = get_model("llava_next", "eager")
@@ -119,10 +120,12 @@ def test_logit_capture_softmaxes_to_eager_attention():
     cap = ClsRowCapture({"score": layer, "attn": layer}, num_heads=layer.num_heads, scale=layer.scale,
                         logit_roles=("score",))
     try:
-        cap.begin()  # the hooks record between begin() and end() (the adapter brackets each encode)
+        record = EncodeRecord()
+        cap.begin(record)  # the hooks record between begin() and end() (the adapter brackets each encode)
         with torch.no_grad():
             out = model.model.vision_tower(pixel_values=inputs["pixel_values"][0], output_attentions=True)
-        rows = cap.take()
+        cap.end()
+        rows = record.cls_rows
     finally:
         cap.remove()
     eager = out.attentions[-1][:, :, 0]  # (crops, H, N)

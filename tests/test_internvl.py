@@ -27,7 +27,7 @@ def _inputs(proc, sizes, seed=0):
 
 
 def _adapter(handle):
-    return handle._install.parts[-1].adapter
+    return handle._installation.adapter
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.77, 7, 10_000])
@@ -64,12 +64,13 @@ def test_hired_splits_tiles_by_thumbnail_regions():
     model, proc = get_model("internvl")
     inputs = _inputs(proc, [MAX, (200, 100)])
     from vlmdrop.methods.hired import Hired, HiredConfig
-    from vlmdrop.ops.hired import region_scores, top_positions
+    from vlmdrop.ops.hired import region_scores
+    from vlmdrop.ops.topk import top_k
 
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
         enc = ad.encode({"pixel_values": inputs["pixel_values"]})
-        _, images = ad.split(enc, inputs["input_ids"])
+        images = [im.tokens for im in ad.images(enc, inputs["input_ids"])]
     assert [im.grid_hw for im in images] == [(1, 6), (2, 1)]
     assert [im.base_crop for im in images] == [6, 2]
     for im in images:
@@ -83,7 +84,7 @@ def test_hired_splits_tiles_by_thumbnail_regions():
         feat = im.cls_attn["feature"].sum(1)  # (n_crops, 16)
         for c, k in enumerate(sel.crop_budgets):
             local = sel.kept_indices[(sel.kept_indices // PER_TILE) == c] % PER_TILE
-            assert local.tolist() == top_positions(feat[c], k).tolist()
+            assert local.tolist() == top_k(feat[c], k).tolist()
 
 
 def test_base_region_maps_thumbnail_to_tile_grid():
@@ -91,7 +92,7 @@ def test_base_region_maps_thumbnail_to_tile_grid():
     inputs = _inputs(proc, [MAX, (200, 100)])
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
-        _, images = ad.split(ad.encode({"pixel_values": inputs["pixel_values"]}), inputs["input_ids"])
+        images = [im.tokens for im in ad.images(ad.encode({"pixel_values": inputs["pixel_values"]}), inputs["input_ids"])]
     # 4x4 thumbnail grid; 1x6 tiles: columns 0..3 -> tiles floor((c + .5) * 6 / 4)
     assert images[0].base_region.reshape(4, 4)[0].tolist() == [0, 2, 3, 5]
     # 2x1 tiles: top two thumbnail rows -> tile 0, bottom two -> tile 1
@@ -101,7 +102,7 @@ def test_base_region_maps_thumbnail_to_tile_grid():
 def test_tile_grid_recovered_from_thumbnail():
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-    from vlmdrop.adapters.internvl import infer_tile_grid
+    from vlmdrop.ops.tiles import infer_tile_grid
 
     _, proc = get_model("internvl")
     sizes = [(60, 130), (90, 50), (50, 300), (300, 50), (200, 100), (130, 120), (100, 190), (64, 200)]
@@ -128,7 +129,7 @@ def test_pooled_cls_rows_match_eager_attention(qk_norm):
         for method, role, layer in [("hired", "first", 0), ("hired", "feature", -1), ("globalcom2", "score", -1)]:
             with vlmdrop.dropping(model, method, budget=0.5) as h:
                 ad = _adapter(h)
-                _, (im,) = ad.split(ad.encode({"pixel_values": pv}), inputs["input_ids"])
+                (im,) = [i.tokens for i in ad.images(ad.encode({"pixel_values": pv}), inputs["input_ids"])]
             got = im.cls_attn[role]  # (3, H, 16)
             row = att[layer][:, :, 0]  # (3, H, 65) CLS row, CLS column first
             if role != "score":

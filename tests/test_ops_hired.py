@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
-from vlmdrop.ops.hired import crop_budgets, region_scores, top_positions
+from vlmdrop.ops.hired import crop_budgets, region_scores
+from vlmdrop.ops.topk import top_k
 
 
 def test_region_map_square_2x2():
@@ -95,13 +96,13 @@ def test_crop_budgets_errors():
         crop_budgets(5, [4, 4, 4], alpha=0.5, sub_scores=torch.ones(1))
 
 
-def test_top_positions_ties_and_order():
+def test_top_k_ties_and_order():
     s = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.2])
-    assert top_positions(s, 2).tolist() == [1, 3]
-    assert top_positions(s, 3).tolist() == [1, 2, 3]
-    assert top_positions(torch.ones(4), 2).tolist() == [0, 1]
+    assert top_k(s, 2).tolist() == [1, 3]
+    assert top_k(s, 3).tolist() == [1, 2, 3]
+    assert top_k(torch.ones(4), 2).tolist() == [0, 1]
     with pytest.raises(ValueError, match="k=6"):
-        top_positions(s, 6)
+        top_k(s, 6)
 
 
 def test_hired_method_on_hand_made_image():

@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from vlmdrop.ops.llm_scores import last_token_attention, top_tokens
+from vlmdrop.ops.llm_scores import last_token_attention
+from vlmdrop.ops.topk import top_k
 from vlmdrop.ops.rope import apply_rope, repeat_kv
 
 
@@ -84,10 +85,10 @@ def test_last_token_attention_rejects_bad_shapes():
                              key_mask=torch.ones(1, 4, dtype=torch.bool), num_heads=4, num_kv_heads=2, scale=0.5)
 
 
-def test_top_tokens_ties_and_bounds():
+def test_top_k_ties_and_bounds():
     s = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5])
-    assert top_tokens(s, 2).tolist() == [1, 2]  # ties: the lower index wins
-    assert top_tokens(s, 5).tolist() == [0, 1, 2, 3, 4]
-    assert top_tokens(s, 0).tolist() == []
+    assert top_k(s, 2).tolist() == [1, 2]  # ties: the lower index wins
+    assert top_k(s, 5).tolist() == [0, 1, 2, 3, 4]
+    assert top_k(s, 0).tolist() == []
     with pytest.raises(ValueError, match="k=6 of 5"):
-        top_tokens(s, 6)
+        top_k(s, 6)

@@ -20,28 +20,42 @@ _ATTR = "_vlmdrop_handle"
 
 
 class DropHandle:
-    """What `apply` put on a model.  `stats` describes the last prefill; `remove()` undoes everything."""
+    """What `apply` put on a model.  `stats` describes the last prefill; `remove()` undoes everything.
+
+    `stats` is written once per prefill, by the installed hooks when the forward returns (one object
+    per prefill: a reference taken earlier keeps describing its own prefill); no stage reads it.
+    Concurrent calls from several threads each publish their own prefill's stats, the last to return
+    wins.
+    """
 
     def __init__(self, model: nn.Module, method: str, config: MethodConfig | tuple[MethodConfig, ...]) -> None:
         self.model = model
         self.method = method
         self.config = config
-        self.stats = DropStats()
-        self._install: Any = None
+        self._stats = DropStats()
+        self._installation: Any = None
 
-    def _set_stats(self, stats: DropStats) -> None:
-        self.stats = stats
+    @property
+    def stats(self) -> DropStats:
+        """Per-image statistics of the last prefill."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: DropStats) -> None:
+        if not isinstance(stats, DropStats):
+            raise TypeError(f"handle.stats must be a DropStats, got {type(stats).__name__}")
+        self._stats = stats
 
     @property
     def active(self) -> bool:
-        return self._install is not None
+        return self._installation is not None
 
     def remove(self) -> None:
         """Remove every hook and restore the model exactly; calling it again does nothing."""
-        if self._install is None:
+        if self._installation is None:
             return
-        self._install.remove()
-        self._install = None
+        self._installation.remove()
+        self._installation = None
         if self.model.__dict__.get(_ATTR) is self:
             del self.model.__dict__[_ATTR]
 
@@ -112,22 +126,19 @@ def apply(model: nn.Module, method: str | Sequence[str], **params: Any) -> DropH
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     adapter = adapter_for(model)
     # adapter-level knobs (e.g. open_clip's `layer`) are not method parameters
-    options = {k: params.pop(k) for k in getattr(adapter, "options", ()) if k in params}
+    options = {k: params.pop(k) for k in adapter.options if k in params}
     resolved = _resolve(method, params)
     existing = model.__dict__.get(_ATTR)
     if existing is not None and existing.active:
         raise ValueError(f"{type(model).__name__} already has vlmdrop method {existing.method!r} applied; "
                          "call handle.remove() first")
-    if any(cfg.stage == "llm" for _, cfg in resolved) and not getattr(adapter, "supports_llm_stage", False):
+    if any(cfg.stage == "llm" for _, cfg in resolved) and not adapter.supports_llm_stage:
         raise ValueError(f"the {type(model).__name__} adapter does not support LLM-stage methods")
     name = "+".join(n for n, _ in resolved)
     config = resolved[0][1] if len(resolved) == 1 else tuple(cfg for _, cfg in resolved)
     handle = DropHandle(model, name, config)
-    runners = [get_method(n).method(cfg) for n, cfg in resolved]
-    if len(runners) == 1:
-        handle._install = adapter.install(runners[0], handle, **options)
-    else:
-        handle._install = adapter.install(runners[0], handle, llm=runners[1], **options)
+    runners = {cfg.stage: get_method(n).method(cfg) for n, cfg in resolved}
+    handle._installation = adapter.install(runners.get("vision"), runners.get("llm"), handle, **options)
     model.__dict__[_ATTR] = handle
     logger.debug("applied %s to %s", config, type(model).__name__)
     return handle

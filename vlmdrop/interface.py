@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from .ops.budget import validate_budget
+from .ops.budget import resolve_budget, validate_budget
 
 
 @dataclass
@@ -145,6 +145,15 @@ class VisionMethod:
         """Which ViT layers' CLS rows to capture, by role, as non-negative layer indices."""
         return {}
 
+    def n_keep(self, image: ImageTokens) -> int:
+        """Rows the language model receives for `image` (kept positions + new rows): the budget."""
+        return resolve_budget(self.config.budget, image.n_before)
+
+    def generator(self) -> torch.Generator | None:
+        """A freshly seeded generator for one prefill's images (drawn in batch order); None = the
+        method draws nothing at random."""
+        return None
+
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
         raise NotImplementedError
 
@@ -183,9 +192,9 @@ class LLMMethod:
 
     def select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
         """(n_present,) scores of an image's present tokens -> (n_keep,) ascending indices to keep."""
-        from .ops.llm_scores import top_tokens
+        from .ops.topk import top_k
 
-        return top_tokens(scores, n_keep)
+        return top_k(scores, n_keep)
 
 
 @dataclass

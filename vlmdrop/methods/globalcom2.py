@@ -26,7 +26,7 @@ import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import globalcom2 as G
-from ..ops.hired import top_positions
+from ..ops.topk import top_k
 from ..registry import register_method
 from .common import resolve_layer, select_per_crop
 
@@ -90,14 +90,14 @@ class GlobalCom2(VisionMethod):
         def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
             local = image.local_index[positions]  # (n,) raster index inside the crop
             if crop == base:
-                return positions[top_positions(thumb[local], k)]
+                return positions[top_k(thumb[local], k)]
             order = torch.argsort(local)  # raster order inside the crop
             full_hw, rows, cols = boxes[crop]
             s = G.crop_token_scores(score[crop][local[order]], thumb.reshape(h, w), full_hw=full_hw,
                                     crop_rows=rows, crop_cols=cols)  # (n,) raster order
             scores = torch.empty_like(s)
             scores[order] = s  # back to position order
-            return positions[top_positions(scores, k)]
+            return positions[top_k(scores, k)]
 
         return select_per_crop(image, n_keep, budgets_for, pick)
 

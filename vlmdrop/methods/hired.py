@@ -12,6 +12,7 @@ import torch
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import hired as F
 from ..ops import hired_official as OF
+from ..ops.topk import top_k
 from ..registry import register_method
 from .common import resolve_layer, select_per_crop
 
@@ -90,7 +91,7 @@ class Hired(VisionMethod):
 
         def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
             scores = feature[crop][image.local_index[positions]]  # (n,)
-            return positions[F.top_positions(scores, k)]
+            return positions[top_k(scores, k)]
 
         return select_per_crop(image, n_keep, budgets_for, pick)
 

@@ -36,6 +36,11 @@ class RandomConfig(MethodConfig):
 class Random(VisionMethod):
     """Uniformly random tokens; each crop's share is proportional to its size (largest remainder)."""
 
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(int(self.config.seed))
+        return g
+
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
         def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
             perm = torch.randperm(positions.numel(), generator=generator)  # (n,)

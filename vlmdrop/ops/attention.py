@@ -46,3 +46,23 @@ def cls_attention_from_projections(q_proj_out: torch.Tensor, k_proj_out: torch.T
     q = q_proj_out.reshape(b, num_heads, 1, hd)  # (B, H, 1, hd)
     k = k_proj_out.reshape(b, n, num_heads, hd).transpose(1, 2)  # (B, H, N, hd)
     return query_row_attention(q, k, scale=scale)[:, :, 0]  # (B, H, N)
+
+
+def cls_logits_from_projections(q: torch.Tensor, k: torch.Tensor, *, num_heads: int, scale: float) -> torch.Tensor:
+    """Pre-softmax CLS logits q_cls·k·scale of a ViT layer from its q_proj / k_proj outputs.
+
+    Args:
+        q: (B, D) the CLS token's query.
+        k: (B, N, D) keys of all N tokens (CLS first).
+        num_heads: attention heads H, with D = H * head_dim.
+        scale: softmax scaling.
+
+    Returns:
+        (B, H, N) logits, float32 (their softmax over N is `cls_attention_from_projections`).
+    """
+    b, n, d = k.shape
+    if d % num_heads:
+        raise ValueError(f"hidden size {d} is not divisible by num_heads={num_heads}")
+    qh = q.float().reshape(b, num_heads, 1, d // num_heads)  # (B, H, 1, hd)
+    kh = k.float().reshape(b, n, num_heads, d // num_heads).transpose(1, 2)  # (B, H, N, hd)
+    return (qh @ kh.transpose(-1, -2))[:, :, 0] * scale  # (B, H, N)

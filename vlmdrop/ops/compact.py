@@ -106,3 +106,18 @@ def extend_mask(prefix_mask: torch.Tensor, caller_mask: torch.Tensor | None, *, 
             )
         tail_mask = caller_mask[:, orig_prefix:].to(prefix_mask.dtype)
     return torch.cat([prefix_mask.to(tail_mask.device), tail_mask], dim=1)
+
+
+def last_index(mask2d: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B,) position of the last True of each row (0 for an all-False row)."""
+    n = mask2d.shape[1]
+    idx = torch.arange(n, device=mask2d.device).expand_as(mask2d)  # (B, L)
+    return torch.where(mask2d, idx, -1).max(dim=1).values.clamp(min=0)  # (B,)
+
+
+def scatter_back(full: torch.Tensor, src: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`full` (B, L, D) with the compacted `rows` (B, L_s, D) written back at the positions `src`
+    (B, L_s) they came from; slots where `valid` (B, L_s) is False (new padding) are skipped."""
+    src, valid = src.to(rows.device), valid.to(rows.device)
+    b = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(src)  # (B, L_s)
+    return full.to(device=rows.device, dtype=rows.dtype).index_put((b[valid], src[valid]), rows[valid])  # (B, L, D)

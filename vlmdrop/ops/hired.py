@@ -55,15 +55,3 @@ def crop_budgets(total: int, caps: list[int], *, alpha: float, sub_scores: torch
     s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / n_sub)
     weights = [alpha] + [(1.0 - alpha) * float(v) for v in s]
     return largest_remainder(weights, total, caps)
-
-
-def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores, ascending; ties go to the lower index.
-
-    Args:
-        scores: (n,)
-    """
-    if not 0 <= k <= scores.numel():
-        raise ValueError(f"k={k} must lie in [0, {scores.numel()}]")
-    order = torch.sort(scores.float(), descending=True, stable=True).indices  # (n,)
-    return order[:k].sort().values

@@ -67,12 +67,3 @@ def last_token_attention(q_proj_out: torch.Tensor, k_proj_out: torch.Tensor, *, 
         row = query_row_attention(q[i:i + 1], k[i:i + 1, :, keys], scale=scale)  # (1, H, 1, n_i)
         out[i, keys] = row[0, :, 0].mean(dim=0)
     return out
-
-
-def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(n,) scores -> (k,) ascending indices of the k highest (ties: the lower index wins)."""
-    n = scores.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot keep k={k} of {n} tokens")
-    order = torch.sort(scores.float(), descending=True, stable=True).indices  # (n,)
-    return order[:k].sort().values
