@@ -10,6 +10,7 @@ import os
 
 import pytest
 from eval_fixtures import FakeGenerator, img, make_easyvqa
+
 from vlmdrop.eval.backend import HFGenerator
 from vlmdrop.eval.cli import cli
 from vlmdrop.eval.results import config_key, load_results, read_jsonl

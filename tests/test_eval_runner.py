@@ -6,6 +6,7 @@ import json
 
 import pytest
 from eval_fixtures import FakeGenerator, make_easyvqa, make_pope
+
 from vlmdrop.eval.report import summarize
 from vlmdrop.eval.results import load_results, read_jsonl
 from vlmdrop.eval.runner import EvalConfig, configurations, run_eval, run_task_config

@@ -11,10 +11,10 @@ thumbnail, with no padding to remove; checked for the same kind of failure.
 
 import pytest
 import torch
+from conftest import make_image
 from transformers import LlavaNextProcessor
 
 import vlmdrop
-from conftest import make_image
 from vlmdrop.ops.budget import resolve_budget
 from vlmdrop.testing import tiny_llava_next
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-import vlmdrop
+from conftest import HAS_OPEN_CLIP, IMAGE_SIZES, OPEN_CLIP_LAYERS, PROMPTS, TEXT_LAYERS, get_model, make_image
 from references import (
     cumsum_positions,
     image_refs,
@@ -43,7 +42,7 @@ from references import (
     vision_rows,
 )
 
-from conftest import HAS_OPEN_CLIP, IMAGE_SIZES, OPEN_CLIP_LAYERS, PROMPTS, TEXT_LAYERS, get_model, make_image
+import vlmdrop
 
 # ---------------------------------------------------------------------------------------------- methods
 VISION_METHODS = ("hired", "random", "visionzip", "pool", "globalcom2")
