@@ -189,7 +189,8 @@ class HFGenerator:
                     break
             text = self.processor.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
             if self.handle is None:
-                n_img = int((inputs["input_ids"][i] == self.image_token_id).sum()) if self.image_token_id is not None else None
+                n_img = (int((inputs["input_ids"][i] == self.image_token_id).sum())
+                         if self.image_token_id is not None else None)
                 n_before = n_kept = n_img
             elif len(stats) == new.shape[0]:
                 n_before, n_kept = int(stats[i].n_before), int(stats[i].n_kept)

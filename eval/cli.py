@@ -73,7 +73,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "may hold one sub-folder per task name")
     p.add_argument("--method", default=["hired"], type=_names,
                    help="comma-separated dropping methods (the full model always runs as the reference)")
-    p.add_argument("--budget", default=[0.2], type=_floats, help="comma-separated kept fractions (e.g. 0.1,0.2) or token counts (e.g. 64)")
+    p.add_argument("--budget", default=[0.2], type=_floats,
+                   help="comma-separated kept fractions (e.g. 0.1,0.2) or token counts (e.g. 64)")
     p.add_argument("--limit", type=_count, default=None, help="first N samples of each task (N >= 1)")
     p.add_argument("--batch-size", type=_count, default=1)
     p.add_argument("--max-new-tokens", type=_count, default=None, help="default: the task's lmms-eval setting")

@@ -65,8 +65,8 @@ def method_params(method: str, budget: float | None = None, *, seed: int = 0, nu
                              f"{method}'s {field!r}; give one of them")
         b = int(budget) if budget > 1 else budget
         if cfg.stage == "llm":
-            layered = {**extra, **({} if num_layers is None else {k: v for k, v in cfg.depth_defaults(num_layers).items()
-                                                                   if k not in extra})}
+            depth = {} if num_layers is None else cfg.depth_defaults(num_layers)
+            layered = {**extra, **{k: v for k, v in depth.items() if k not in extra}}
             kw.update(cfg.budget_params(b, layered))
         else:
             kw[field] = b

@@ -50,7 +50,8 @@ def summarize(task: Task, out: Path, configs: Sequence[tuple[str, float]],
             "method": method, "budget": budget, "score": agg.get("score"),
             "tokens_kept": _mean(r.get("n_kept") for r in ok),
             "tokens_before": _mean(r.get("n_before") for r in ok),
-            "ttft_ms": None if _mean(r.get("ttft_s") for r in ok) is None else 1000 * _mean(r.get("ttft_s") for r in ok),
+            "ttft_ms": (None if _mean(r.get("ttft_s") for r in ok) is None
+                        else 1000 * _mean(r.get("ttft_s") for r in ok)),
             "decode_tps": _mean(r.get("decode_tps") for r in ok),
             "peak_mem_mb": max((r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None), default=None),
             "n": len(ok), "errors": len(errs), "corrupt": [str(c) for c in corrupt],
@@ -99,11 +100,13 @@ def write_report(task: Task, out: Path, configs: Sequence[tuple[str, float]],
 
     lines = [f"# {task.title} ({task.name})", "",
              f"Primary metric: {task.metric}. Speedup = TTFT of the full model / TTFT.", "",
-             "| method | budget | score | % of full | visual tokens (kept / before) | TTFT ms | speedup | decode tok/s | peak mem MB | n | errors |",
+             "| method | budget | score | % of full | visual tokens (kept / before) | TTFT ms | speedup "
+             "| decode tok/s | peak mem MB | n | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tokens = f"{_fmt(r['tokens_kept'], 1)} / {_fmt(r['tokens_before'], 1)}"
-        lines.append(f"| {r['method']} | {budget_label(r['budget'])} | {_fmt(r['score'])} | {_fmt(r['pct_of_full'], 1)} | {tokens} | "
+        lines.append(f"| {r['method']} | {budget_label(r['budget'])} | {_fmt(r['score'])} | "
+                     f"{_fmt(r['pct_of_full'], 1)} | {tokens} | "
                      f"{_fmt(r['ttft_ms'], 1)} | {_fmt(r['speedup'])} | {_fmt(r['decode_tps'], 1)} | "
                      f"{_fmt(r['peak_mem_mb'], 0)} | {r['n']} | {r['errors']} |")
     extra_keys = sorted({k for r in rows for k in r["extra"]})
@@ -111,7 +114,8 @@ def write_report(task: Task, out: Path, configs: Sequence[tuple[str, float]],
         lines += ["", "Sub-scores:", "", "| method | budget | " + " | ".join(extra_keys) + " |",
                   "|---|---|" + "---|" * len(extra_keys)]
         for r in rows:
-            lines.append(f"| {r['method']} | {budget_label(r['budget'])} | " + " | ".join(_fmt(r['extra'].get(k)) for k in extra_keys) + " |")
+            lines.append(f"| {r['method']} | {budget_label(r['budget'])} | "
+                         + " | ".join(_fmt(r['extra'].get(k)) for k in extra_keys) + " |")
     n_err = sum(len(v) for v in errors.values())
     lines += ["", f"## Errors ({n_err})", ""]
     if n_err:

@@ -117,7 +117,8 @@ def check_method_args(method_args: Any) -> None:
     while something else ran. Names of methods are checked against the sweep by ``run_eval``."""
     if not isinstance(method_args, dict) or not all(isinstance(k, str) and isinstance(v, dict)
                                                     for k, v in method_args.items()):
-        raise ValueError(f'method_args={method_args!r} must map method names to objects, e.g. {{"fastv": {{"layer": 3}}}}')
+        raise ValueError(f'method_args={method_args!r} must map method names to objects, '
+                         f'e.g. {{"fastv": {{"layer": 3}}}}')
     for name, args in method_args.items():
         if name == FULL:
             raise ValueError(f"--method-args gives parameters {sorted(args)} to 'full', the unmodified reference "
@@ -161,7 +162,8 @@ class _Dist:
 
             # without CUDA, processes started by `accelerate launch --multi_gpu` / torchrun use gloo on CPU
             self._state = PartialState(cpu=not torch.cuda.is_available())
-            self.rank, self.world, self.device = self._state.process_index, self._state.num_processes, self._state.device
+            self.rank, self.world = self._state.process_index, self._state.num_processes
+            self.device = self._state.device
 
     @property
     def main(self) -> bool:

@@ -213,7 +213,9 @@ class VQAv2(Task):
         digit/article steps."""
         if self.afile:
             return None
-        norm = lambda a: M.process_digit_article(M.process_punctuation(a.replace("\n", " ").replace("\t", " ").strip()))
+        def norm(a):
+            return M.process_digit_article(M.process_punctuation(a.replace("\n", " ").replace("\t", " ").strip()))
+
         return [{"question_id": int(r["id"]), "answer": norm(r["answer"])} for r in records]
 
 
@@ -256,7 +258,8 @@ class GQA(Task):
     )
 
     def load_release(self, root):
-        data = _read_json(_need(root, ["testdev_balanced_questions.json", "questions/testdev_balanced_questions.json"], self))
+        data = _read_json(_need(root, ["testdev_balanced_questions.json",
+                                       "questions/testdev_balanced_questions.json"], self))
         for i, (qid, q) in enumerate(data.items()):
             yield _guard(i, lambda qid=qid, q=q: Sample(
                 str(qid), q["question"], q["question"] + SHORT_ANSWER,
@@ -265,7 +268,8 @@ class GQA(Task):
     def from_row(self, row, idx):
         if row.get("image") is None:
             raise KeyError("the GQA instructions rows carry no 'image' column; add the images (imageId -> image)")
-        return Sample(str(row.get("id", idx)), row["question"], row["question"] + SHORT_ANSWER, row["image"], row["answer"])
+        return Sample(str(row.get("id", idx)), row["question"], row["question"] + SHORT_ANSWER, row["image"],
+                      row["answer"])
 
     def score(self, target, meta, prediction):
         return M.exact_match(prediction, target)
@@ -281,7 +285,8 @@ class POPE(Task):
         self.name, self.title = f"pope_{split}", f"POPE {split}"
         self.hf_splits = (split, "test")
         self.layout = (
-            f"DIR/coco_pope_{split}.json   (JSON lines: {{question_id, image, text, label}}, as in POPE's output/coco/)\n"
+            f"DIR/coco_pope_{split}.json   (JSON lines: {{question_id, image, text, label}}, "
+            "as in POPE's output/coco/)\n"
             "DIR/val2014/COCO_val2014_XXXXXXXXXXXX.jpg   (COCO val2014 images)\n"
             "prompt: '{question}\\nAnswer the question using a single word or phrase.'\n"
             "parsing: lmms-eval rule (lower/strip, exact 'yes'/'no')"
@@ -331,7 +336,8 @@ class ScienceQAImg(Task):
         "DIR/pid_splits.json (optional)\n"
         "DIR/test/<pid>/image.png\n"
         "only test problems with an image are used\n"
-        "prompt: '[Context: {hint}\\n]{question}\\nA. ..\\nB. ..\\nAnswer with the option's letter from the given choices directly.'"
+        "prompt: '[Context: {hint}\\n]{question}\\nA. ..\\nB. ..\\n"
+        "Answer with the option's letter from the given choices directly.'"
     )
 
     @staticmethod
@@ -416,8 +422,8 @@ class MME(Task):
 
     def from_row(self, row, idx):
         a = row["answer"].lower().strip().replace(".", "")
-        return Sample(f"{row['question_id']}/{idx}", row["question"].strip(), self._prompt(row["question"]), row["image"], a,
-                      {"category": row["category"], "image": str(row["question_id"])})
+        return Sample(f"{row['question_id']}/{idx}", row["question"].strip(), self._prompt(row["question"]),
+                      row["image"], a, {"category": row["category"], "image": str(row["question_id"])})
 
     def score(self, target, meta, prediction):
         return 1.0 if M.mme_parse(prediction) == target else 0.0
@@ -452,7 +458,8 @@ class DocVQA(Task):
     )
 
     def load_release(self, root):
-        path = _need(root, ["val_v1.0.json", "val_v1.0_withQT.json", "val/val_v1.0.json", "val/val_v1.0_withQT.json"], self)
+        path = _need(root, ["val_v1.0.json", "val_v1.0_withQT.json", "val/val_v1.0.json", "val/val_v1.0_withQT.json"],
+                     self)
         for i, q in enumerate(_read_json(path)["data"]):
             yield _guard(i, lambda q=q: Sample(
                 str(q["questionId"]), q["question"], q["question"] + SHORT_ANSWER,
@@ -625,7 +632,8 @@ class EasyVQAHR(Task):
 
 def _build() -> dict[str, Task]:
     tasks: list[Task] = [VQAv2("val"), VQAv2("testdev"), TextVQA(), GQA(), POPE("random"), POPE("popular"),
-                         POPE("adversarial"), ScienceQAImg(), MME(), DocVQA(), ChartQA(), OCRBench(), EasyVQA(), EasyVQAHR()]
+                         POPE("adversarial"), ScienceQAImg(), MME(), DocVQA(), ChartQA(), OCRBench(), EasyVQA(),
+                         EasyVQAHR()]
     return {t.name: t for t in tasks}
 
 

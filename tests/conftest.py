@@ -31,7 +31,8 @@ MIXED_SIZES = [(60, 130), (90, 50), (56, 56)]
 PROMPTS = ["USER: <image>\nwhat is the shape ? ASSISTANT:", "USER: <image>\nwhat color is this ? ASSISTANT:",
            "USER: <image>\nis there a red circle in the picture ? ASSISTANT:"]
 
-HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None and importlib.util.find_spec("torchvision") is not None
+HAS_OPEN_CLIP = (importlib.util.find_spec("open_clip") is not None
+                 and importlib.util.find_spec("torchvision") is not None)
 
 TEXT_LAYERS = 4  # decoder layers of the tiny LLMs: room for LLM-stage drops at layers 1..3
 OPEN_CLIP_LAYERS = 4  # blocks of the tiny open_clip towers (32 px images, 8 px patches -> 16 patches)

@@ -26,8 +26,10 @@ def make_vqav2(root: Path) -> Path:
         {"image_id": 2, "question": "How many?", "question_id": 20},
     ]})
     write_json(root / "v2_mscoco_val2014_annotations.json", {"annotations": [
-        {"question_id": 10, "image_id": 1, "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]},
-        {"question_id": 20, "image_id": 2, "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]},
+        {"question_id": 10, "image_id": 1,
+         "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]},
+        {"question_id": 20, "image_id": 2,
+         "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]},
     ]})
     img(root / "val2014" / "COCO_val2014_000000000001.jpg")
     img(root / "val2014" / "COCO_val2014_000000000002.jpg", "blue")
@@ -57,8 +59,10 @@ def make_gqa(root: Path) -> Path:
 
 def make_pope(root: Path, split: str = "random") -> Path:
     lines = [
-        {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog in the image?", "label": "yes"},
-        {"question_id": 2, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat in the image?", "label": "no"},
+        {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog in the image?",
+         "label": "yes"},
+        {"question_id": 2, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat in the image?",
+         "label": "no"},
     ]
     (root).mkdir(parents=True, exist_ok=True)
     (root / f"coco_pope_{split}.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -70,8 +74,10 @@ def make_scienceqa(root: Path) -> Path:
     write_json(root / "problems.json", {
         "7": {"question": "Which is a mammal?", "choices": ["frog", "dog"], "answer": 1, "hint": "Look.",
               "image": "image.png", "split": "test"},
-        "8": {"question": "No image here?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None, "split": "test"},
-        "9": {"question": "Train one", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png", "split": "train"},
+        "8": {"question": "No image here?", "choices": ["a", "b"], "answer": 0, "hint": "",
+              "image": None, "split": "test"},
+        "9": {"question": "Train one", "choices": ["a", "b"], "answer": 0, "hint": "",
+              "image": "image.png", "split": "train"},
     })
     write_json(root / "pid_splits.json", {"test": ["7", "8"], "train": ["9"]})
     img(root / "test" / "7" / "image.png")
@@ -116,8 +122,9 @@ def make_ocrbench(root: Path) -> Path:
     write_json(root / "OCRBench.json", [
         {"dataset_name": "IIIT5K", "id": 0, "image_path": "IIIT5K/1.jpg", "question": "what is written in the image?",
          "answers": ["HELLO"], "type": "Regular Text Recognition"},
-        {"dataset_name": "HME100k", "id": 1, "image_path": "HME100k/2.jpg", "question": "Please write out the expression.",
-         "answers": "x ^ 2", "type": "Handwritten Mathematical Expression Recognition"},
+        {"dataset_name": "HME100k", "id": 1, "image_path": "HME100k/2.jpg",
+         "question": "Please write out the expression.", "answers": "x ^ 2",
+         "type": "Handwritten Mathematical Expression Recognition"},
     ])
     img(root / "OCRBench_Images" / "IIIT5K" / "1.jpg")
     img(root / "OCRBench_Images" / "HME100k" / "2.jpg")

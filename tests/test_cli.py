@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import MIXED_SIZES, batch, get_model, make_image
 from PIL import Image
-from vlmdrop.eval.params import depth_defaults, method_params
 
 import vlmdrop
 import vlmdrop.cli as cli
 from vlmdrop.cli import main
+from vlmdrop.eval.params import depth_defaults, method_params
 from vlmdrop.testing import tiny_llava_next
 
 

@@ -125,7 +125,6 @@ def test_accelerate_two_cpu_processes_merge(tmp_path):
 
 def test_cli_model_from_a_checkpoint_folder(tmp_path, capsys):
     from vlmdrop.eval.cli import cli
-
     from vlmdrop.testing import tiny_llava
 
     model, processor = tiny_llava()

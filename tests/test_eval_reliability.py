@@ -10,6 +10,7 @@ import os
 
 import pytest
 from eval_fixtures import FakeGenerator, img, make_easyvqa
+
 from vlmdrop.eval.backend import HFGenerator
 from vlmdrop.eval.cli import cli
 from vlmdrop.eval.results import config_key, load_results, read_jsonl
@@ -158,8 +159,8 @@ def test_cli_method_args_override_is_a_usage_error(tmp_path, capsys):
     ("--task", "easyvqa,easy_vqa", "lists task 'easyvqa' twice"),
 ])
 def test_cli_out_of_range_options(tmp_path, capsys, opt, value, expected):
-    argv = ["--task", "easyvqa", "--out", str(tmp_path / "o"), "--model", "py:test_eval_reliability:model_must_not_load",
-            "--no-progress"]
+    argv = ["--task", "easyvqa", "--out", str(tmp_path / "o"),
+            "--model", "py:test_eval_reliability:model_must_not_load", "--no-progress"]
     if opt == "--task":
         argv[1] = value
     else:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from eval_fixtures import FakeGenerator, make_easyvqa, make_pope
+
 from vlmdrop.eval.report import summarize
 from vlmdrop.eval.results import load_results, read_jsonl
 from vlmdrop.eval.runner import EvalConfig, configurations, run_eval, run_task_config
@@ -32,7 +33,8 @@ def test_sweep_rows_and_report(tmp_path):
     rows = read_jsonl(out / "hired@0.1.part0.jsonl")
     assert [r["id"] for r in rows] == ["0", "1"]
     r = rows[0]
-    for key in ("id", "answer", "score", "method", "budget", "n_before", "n_kept", "ttft_s", "decode_tps", "peak_mem_mb"):
+    for key in ("id", "answer", "score", "method", "budget", "n_before", "n_kept", "ttft_s", "decode_tps",
+                "peak_mem_mb"):
         assert key in r
     assert r["method"] == "hired" and r["budget"] == 0.1 and r["n_kept"] == 10 and r["score"] == 1.0
     md = paths["easyvqa"].read_text()

@@ -4,6 +4,7 @@ path, prompts, per-task scoring, and bad data."""
 
 import pytest
 from eval_fixtures import MAKERS, make_pope
+
 from vlmdrop.eval.tasks import BadRecord, EmptyDatasetError, Sample, get_task, task_names
 
 EXPECTED = {  # task -> (number of samples, first id, first target, prompt suffix)
@@ -142,6 +143,7 @@ def test_easyvqa_builtin_data():
 def test_hf_folder_with_corrupt_image_is_a_sample_error(tmp_path):
     datasets = pytest.importorskip("datasets")
     from eval_fixtures import FakeGenerator
+
     from vlmdrop.eval.results import read_jsonl
     from vlmdrop.eval.runner import EvalConfig, run_eval
 

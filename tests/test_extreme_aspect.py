@@ -11,10 +11,10 @@ thumbnail, with no padding to remove; checked for the same kind of failure.
 
 import pytest
 import torch
+from conftest import make_image
 from transformers import LlavaNextProcessor
 
 import vlmdrop
-from conftest import make_image
 from vlmdrop.ops.budget import resolve_budget
 from vlmdrop.testing import tiny_llava_next
 
@@ -139,7 +139,8 @@ def test_layout_error_names_the_image(v16, monkeypatch):
 
     model, proc = v16
     monkeypatch.setattr(llava_adapter, "content_box_from_layout", strict)
-    with pytest.raises(ValueError, match=r"image 1 of 2 in this batch \(image_sizes \(H, W\) = \(2000, 20\), 4 crops\): "
+    with pytest.raises(ValueError, match=r"image 1 of 2 in this batch "
+                                         r"\(image_sizes \(H, W\) = \(2000, 20\), 4 crops\): "
                                          r"layout has no sub-image positions"):
         with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.2):
             model(**_inputs(proc, [SIZES[-1], SIZES[1]]))

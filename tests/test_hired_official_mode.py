@@ -1,9 +1,9 @@
 """HiRED `mode="official-code"` on LLaVA-NeXT: behaviour at the edges of the official code."""
 
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
-from conftest import batch, get_model
 
 
 def test_official_code_rate_one_keeps_every_unpadded_token():

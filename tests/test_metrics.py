@@ -173,7 +173,8 @@ def test_mme_scores():
     recs = [
         {"category": "existence", "image": "a", "score": 1}, {"category": "existence", "image": "a", "score": 1},
         {"category": "existence", "image": "b", "score": 1}, {"category": "existence", "image": "b", "score": 0},
-        {"category": "code_reasoning", "image": "c", "score": 0}, {"category": "code_reasoning", "image": "c", "score": 0},
+        {"category": "code_reasoning", "image": "c", "score": 0},
+        {"category": "code_reasoning", "image": "c", "score": 0},
     ]
     s = M.mme_scores(recs)
     # existence: image a 100+100, image b 50+0 -> mean 125

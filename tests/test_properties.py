@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-import vlmdrop
+from conftest import HAS_OPEN_CLIP, IMAGE_SIZES, OPEN_CLIP_LAYERS, PROMPTS, TEXT_LAYERS, get_model, make_image
 from references import (
     cumsum_positions,
     image_refs,
@@ -43,7 +42,7 @@ from references import (
     vision_rows,
 )
 
-from conftest import HAS_OPEN_CLIP, IMAGE_SIZES, OPEN_CLIP_LAYERS, PROMPTS, TEXT_LAYERS, get_model, make_image
+import vlmdrop
 
 # ---------------------------------------------------------------------------------------------- methods
 VISION_METHODS = ("hired", "random", "visionzip", "pool", "globalcom2")
@@ -92,7 +91,8 @@ METHODS = {
                               {"layers": (2, 3), "ratio": 1.0}),
     "pool+fastv": _stack("pool", {"budget": 0.5}, "fastv", {"layer": 1, "keep": 5, "positions": "compact"},
                          {"layer": 1, "keep": 1.0}),
-    "globalcom2+fastv": _stack("globalcom2", {"budget": 0.5}, "fastv", {"layer": 3, "keep": 0.3}, {"layer": 3, "keep": 1.0}),
+    "globalcom2+fastv": _stack("globalcom2", {"budget": 0.5}, "fastv", {"layer": 3, "keep": 0.3},
+                               {"layer": 3, "keep": 1.0}),
 }
 
 # ------------------------------------------------------------------------------------------------- grid
@@ -139,7 +139,8 @@ def expected_counts(method: str, params: dict, n_before: int) -> tuple[int, int,
     for s in range(len(plan.layers)):
         present = plan.keep(s, v, present)
         per_stage.append(present)
-    layers = [next((c for k, c in reversed(list(zip(plan.layers, per_stage))) if k <= i), v) for i in range(TEXT_LAYERS)]
+    layers = [next((c for k, c in reversed(list(zip(plan.layers, per_stage))) if k <= i), v)
+              for i in range(TEXT_LAYERS)]
     return v, present, layers
 
 
@@ -383,7 +384,8 @@ def test_forward_and_generate_equal_reference(family, method, attn):
         images = image_refs(ref_model, inputs)
         assert [(s.sample, s.n_before) for s in stats] == [(im.sample, im.rows.shape[0]) for im in images]
         assert [im.sample for im in images] == [0, 0, 2]
-        rows = [vision_rows(ref_model, im, vs) for im, vs in zip(images, vstats)] if vstats else [im.rows for im in images]
+        rows = ([vision_rows(ref_model, im, vs) for im, vs in zip(images, vstats)] if vstats
+                else [im.rows for im in images])
         plan = llm_plan(*llm) if llm else None
         assert torch.equal(gen[:, :L], inputs["input_ids"])
         for b in range(mask.shape[0]):

@@ -137,9 +137,9 @@ def test_cli_runs_and_writes_the_model(tmp_path, capsys):
     from vlmdrop.zoo.train import main
 
     out = tmp_path / "cli"
-    rc = main(["--out", str(out), "--steps-a", "1", "--steps-b", "1", "--batch", "1", "--eval-n", "2", "--check-at", "0",
-               "--no-progress", "--crop", "56", "--patch", "14", "--vision-layers", "2", "--text-layers", "1",
-               "--feature-layer", "1", "--cls-shape", "zoom"])
+    rc = main(["--out", str(out), "--steps-a", "1", "--steps-b", "1", "--batch", "1", "--eval-n", "2",
+               "--check-at", "0", "--no-progress", "--crop", "56", "--patch", "14", "--vision-layers", "2",
+               "--text-layers", "1", "--feature-layer", "1", "--cls-shape", "zoom"])
     assert rc == 0 and (out / "model.safetensors").is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finished"] is True
     cfg = json.loads((out / "config.json").read_text())

@@ -62,7 +62,8 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
     try:
         for i in range(0, len(records), batch):
             chunk = records[i : i + batch]
-            inputs = processor(images=[r["image"] for r in chunk], text=[prompt(processor, r["question"]) for r in chunk],
+            inputs = processor(images=[r["image"] for r in chunk],
+                               text=[prompt(processor, r["question"]) for r in chunk],
                                return_tensors="pt", padding=True).to(model.device)
             pred = model(**inputs).logits[:, -1].argmax(-1)  # (B,)
             for j, (r, p) in enumerate(zip(chunk, pred.tolist())):
@@ -105,7 +106,8 @@ def evaluate_dropping(model: Any, processor: Any, records: Sequence[dict[str, An
 
 
 def _missed(r: dict[str, float]) -> str:
-    parts = [f"{r[q + '_missed']:.3f} ({r[q + '_missed_n']})" if q + "_missed" in r else "-" for q in ("shape", "color")]
+    parts = [f"{r[q + '_missed']:.3f} ({r[q + '_missed_n']})" if q + "_missed" in r else "-"
+             for q in ("shape", "color")]
     return ", ".join(parts)
 
 
@@ -118,8 +120,8 @@ def _table(results: dict[str, dict[str, float]]) -> str:
     for name, r in results.items():
         kept = f"{r['kept_mean']:.1f}" if "kept_mean" in r else f"{r.get('n_before_mean', 0):.1f} (all)"
         rel = [f"{r[q] / full[q]:.3f}" if full.get(q) else "-" for q in ("shape", "color")]
-        lines.append(f"| {name} | {r['shape']:.3f} | {r['color']:.3f} | {r['yes_no']:.3f} | {r['all']:.3f} | {rel[0]} | "
-                     f"{rel[1]} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {_missed(r)} | {kept} |")
+        lines.append(f"| {name} | {r['shape']:.3f} | {r['color']:.3f} | {r['yes_no']:.3f} | {r['all']:.3f} | "
+                     f"{rel[0]} | {rel[1]} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {_missed(r)} | {kept} |")
     return "\n".join(lines)
 
 

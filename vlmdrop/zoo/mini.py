@@ -53,7 +53,8 @@ WORDS = sorted(set(_QUESTION_WORDS + _PROMPT_WORDS + list(SHAPES) + list(ANSWER_
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}\nASSISTANT:{% endif %}"
 )
@@ -104,7 +105,8 @@ def build_mini_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left",
@@ -126,13 +128,16 @@ def build_mini_processor(cfg: MiniConfig = MiniConfig()) -> LlavaNextProcessor:
     )
 
 
-def build_mini(cfg: MiniConfig = MiniConfig(), *, seed: int = 0) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+def build_mini(
+    cfg: MiniConfig = MiniConfig(), *, seed: int = 0
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """A freshly initialised miniature LLaVA-NeXT (fixed seed) and its processor."""
     processor = build_mini_processor(cfg)
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=cfg.crop, patch_size=cfg.patch, projection_dim=cfg.vision_hidden,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.crop, patch_size=cfg.patch,
+        projection_dim=cfg.vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
@@ -141,8 +146,8 @@ def build_mini(cfg: MiniConfig = MiniConfig(), *, seed: int = 0) -> tuple[LlavaN
     )
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints(cfg.crop), vision_feature_layer=cfg.feature_layer, vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+        image_grid_pinpoints=pinpoints(cfg.crop), vision_feature_layer=cfg.feature_layer,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)

@@ -23,11 +23,12 @@ Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` 
 stream (seeded), and every random choice is keyed on ``(seed, stage, t, j)``: resuming from the
 state saved in ``DIR/train_state.pt`` (every ``--save-every`` steps and at the ``--minutes`` cap)
 gives the same run.  The state holds only tensors, numbers and strings, and is read with
-``torch.load(weights_only=True)``: nothing in it is unpickled as code.  Early checks abort when shape or colour accuracy on held-out samples is
-still near chance: at the end of stage A (the tower's CLS heads on zoomed views) and at
-``--check-at`` (fraction of stage B, the VLM's answers); ``--check-at 0`` disables both.  At the end ``DIR`` holds the model
-(``save_pretrained``, safetensors) and the processor, loadable with ``from_pretrained`` /
-``AutoProcessor``, plus ``train_log.jsonl``.
+``torch.load(weights_only=True)``: nothing in it is unpickled as code.  Early checks abort when
+shape or colour accuracy on held-out samples is still near chance: at the end of stage A (the
+tower's CLS heads on zoomed views) and at ``--check-at`` (fraction of stage B, the VLM's answers);
+``--check-at 0`` disables both.  At the end ``DIR`` holds the model (``save_pretrained``,
+safetensors) and the processor, loadable with ``from_pretrained`` / ``AutoProcessor``, plus
+``train_log.jsonl``.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from .token_boxes import anyres_layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainArgs", "ChanceError", "StateError", "train", "evaluate_answers", "zoom_view", "view_around", "patch_labels",
-           "shape_tile_index", "tile_box", "main"]
+__all__ = ["TrainArgs", "ChanceError", "StateError", "train", "evaluate_answers", "zoom_view", "view_around",
+           "patch_labels", "shape_tile_index", "tile_box", "main"]
 
 STATE = "train_state.pt"
 #: Layout of ``train_state.pt``: 2 adds ``format``, ``ema`` and the log as JSON text; 1 (no ``format`` key) is read
@@ -246,7 +247,8 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
                  tile_box((w, h), bbox, pins, cfg.crop, tile)]
         _, _, nw, _, _, _ = anyres_layout((w, h), pins)
         longest = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
-        sides = [cfg.crop * w / nw] * args.tile_views + [longest * rng.uniform(1.5, 4.0) for _ in range(args.zoom_views)]
+        sides = ([cfg.crop * w / nw] * args.tile_views
+                 + [longest * rng.uniform(1.5, 4.0) for _ in range(args.zoom_views)])
         crops = [view_around(image, bbox, rng, cfg.crop, side) for side in sides]
         if crops:
             # a crop-sized image becomes base + one identical tile (pinpoint crop x crop): take the tile
@@ -393,7 +395,8 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
     number, string or container: not written by this version's ``_save_state``), when it cannot be read, or when
     it lacks a key or holds another format.
     """
-    hint = "move it away or train into a new --out to start from scratch (it is never unpickled with weights_only=False)"
+    hint = ("move it away or train into a new --out to start from scratch "
+            "(it is never unpickled with weights_only=False)")
     try:
         st = torch.load(path, weights_only=True, map_location=device)
     except pickle.UnpicklingError as e:
@@ -545,7 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-lr-scale", type=float, default=d.tower_lr_scale)
     p.add_argument("--zoom-only", type=float, default=d.zoom_only)
     p.add_argument("--zoom-mix", type=float, default=d.zoom_mix)
-    p.add_argument("--check-at", type=float, default=d.check_at, help="fraction of stage B for the chance check (0: off)")
+    p.add_argument("--check-at", type=float, default=d.check_at,
+                   help="fraction of stage B for the chance check (0: off)")
     p.add_argument("--tile-views", type=int, default=d.tile_views, help="stage A: crops per canvas at the AnyRes scale")
     p.add_argument("--zoom-views", type=int, default=d.zoom_views, help="stage A: zoomed crops per canvas")
     p.add_argument("--dense-weight", type=float, default=d.dense_weight, help="stage A: per-patch loss weight")
