@@ -36,12 +36,13 @@ Official-code details not reproduced here (they belong to the model glue; listed
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .budget import largest_remainder
 
 RETENTION_RATIO = 0.25  # LA L101
 TEMPERATURE = 10.0  # LA L103
@@ -177,7 +178,8 @@ def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, 
     total=None: the official rule, k_i = int(n_i * r_i) (floor, LA L251); the sum is not fixed.
     total=T: exact mode, sum k_i == T with 0 <= k_i <= n_i, proportional to n_i * r_i
         (largest remainder, ties to the lower index, capped shares redistributed); this is
-        vlmdrop's own addition (private helper `_largest_remainder`), not the official code.
+        vlmdrop's own addition (`ops.budget.largest_remainder` with `normalize_first=True`, the
+        floating-point order this mode has always used), not the official code.
     """
     ratios = [float(r) for r in ratios]
     if len(ratios) != len(n_tokens):
@@ -189,33 +191,5 @@ def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, 
         return [int(n * r) for n, r in zip(n_tokens, ratios)]
     if not 0 <= total <= sum(n_tokens):
         raise ValueError(f"total must be in [0, {sum(n_tokens)}], got {total}")
-    return _largest_remainder([n * r for n, r in zip(n_tokens, ratios)], total, list(n_tokens))
+    return largest_remainder([n * r for n, r in zip(n_tokens, ratios)], total, list(n_tokens), normalize_first=True)
 
-
-def _largest_remainder(weights: list[float], total: int, caps: list[int]) -> list[int]:
-    """Integers k_i <= caps_i summing to `total`, proportional to weights (water-filling on caps)."""
-    k = [0] * len(weights)
-    free = [i for i in range(len(weights)) if caps[i] > 0]
-    left = total
-    while left > 0 and free:
-        wsum = sum(weights[i] for i in free)
-        # zero total weight: share by remaining capacity so the total is still met
-        share = {i: (weights[i] / wsum if wsum > 0 else (caps[i] - k[i]) / sum(caps[j] - k[j] for j in free)) for i in free}
-        quota = {i: left * share[i] for i in free}
-        over = [i for i in free if k[i] + quota[i] >= caps[i]]
-        if over:  # saturate, then share what is left among the others
-            for i in over:
-                left -= caps[i] - k[i]
-                k[i] = caps[i]
-            free = [i for i in free if i not in over]
-            continue
-        base = {i: math.floor(quota[i]) for i in free}
-        rest = left - sum(base.values())
-        order = sorted(free, key=lambda i: (-(quota[i] - base[i]), i))
-        for i in free:
-            k[i] += base[i]
-        for i in order[:rest]:
-            k[i] += 1
-        left = 0
-    assert sum(k) == total and all(0 <= a <= c for a, c in zip(k, caps)), (k, total, caps)
-    return k
