@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdrop.ops.pool import pool_grid
+from vlmdrop.ops.pool import bounding_rectangle, pool_grid
 
 
 def _adaptive(tokens, h, w, oh, ow):
@@ -61,3 +61,16 @@ def test_errors_carry_values():
         pool_grid(torch.zeros(6, 1), h=2, w=3, target=0)
     with pytest.raises(ValueError, match=r"\(5, 1\)"):
         pool_grid(torch.zeros(5, 1), h=2, w=3, target=2)
+
+
+@pytest.mark.parametrize("w,r0,c0,rows,cols", [(1, 0, 0, 1, 1), (5, 1, 2, 3, 2), (4, 0, 0, 4, 4), (7, 3, 0, 1, 7)])
+def test_bounding_rectangle_brute_force(w, r0, c0, rows, cols):
+    local = torch.tensor([(r0 + i) * w + c0 + j for i in range(rows) for j in range(cols)])
+    assert bounding_rectangle(local[torch.randperm(local.numel())], w=w) == (r0, c0, rows, cols)
+
+
+def test_bounding_rectangle_rejects_holes_and_empty():
+    with pytest.raises(ValueError, match="3 tokens in a 2x2 bounding box"):
+        bounding_rectangle(torch.tensor([0, 1, 4]), w=3)
+    with pytest.raises(ValueError, match="got none"):
+        bounding_rectangle(torch.tensor([], dtype=torch.long), w=3)

@@ -193,3 +193,38 @@ def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, 
         raise ValueError(f"total must be in [0, {sum(n_tokens)}], got {total}")
     return largest_remainder([n * r for n, r in zip(n_tokens, ratios)], total, list(n_tokens), normalize_first=True)
 
+
+
+def stitched_crop_boxes(
+    local_indices: Sequence[Tensor], *, crop_hw: tuple[int, int], grid_hw: tuple[int, int]
+) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """Where each sub-image's kept (unpadded) tokens sit in the stitched grid of all sub-images.
+
+    local_indices: one (n_j,) long tensor per sub-image, in raster order over the `grid_hw` =
+        (gh, gw) sub-image grid: the raster indices inside that crop's h x w (`crop_hw`) token grid
+        of the positions it holds (LLaVA-NeXT unpadding removes whole rows or columns, so these fill
+        a rectangle).
+    Returns, for every sub-image j that holds a position: (full_hw, (r0, r1), (c0, c1)) where
+    full_hw = (H, W) is the bounding box of every sub-image position on the stitched
+    (gh*h) x (gw*w) grid, and [r0, r1) x [c0, c1) is sub-image j's box inside it (the arguments
+    `crop_token_scores` takes).  Empty when no sub-image holds a position.
+    """
+    h, w = crop_hw
+    gh, gw = grid_hw
+    if gh * gw != len(local_indices):
+        raise ValueError(f"grid {gh}x{gw} does not hold the {len(local_indices)} sub-images")
+    spans = {}
+    for j, local in enumerate(local_indices):
+        if local.numel() == 0:
+            continue
+        r = (j // gw) * h + local // w  # (n_j,) stitched-grid rows
+        q = (j % gw) * w + local % w  # (n_j,) stitched-grid cols
+        spans[j] = (int(r.min()), int(r.max()) + 1, int(q.min()), int(q.max()) + 1)
+    if not spans:  # unpadding left no sub-image position (extreme aspect ratio): nothing to score
+        return {}
+    top = min(s[0] for s in spans.values())
+    bottom = max(s[1] for s in spans.values())
+    left = min(s[2] for s in spans.values())
+    right = max(s[3] for s in spans.values())
+    full = (bottom - top, right - left)
+    return {j: (full, (r0 - top, r1 - top), (c0 - left, c1 - left)) for j, (r0, r1, c0, c1) in spans.items()}
