@@ -258,7 +258,8 @@ class InternVLAdapter(HFVlmAdapter):
         local = self.local_index.repeat(n)  # (n*N',)
         base_region = None
         if grid is not None:
-            base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=(0, 0, grid[0] * hh, grid[1] * ww))
+            base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid,
+                                          content_box=(0, 0, grid[0] * hh, grid[1] * ww))
         return ImageTokens(n_before=n * per, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw, n_crops=n,
                            cls_attn=cls_attn, base_region=base_region, base_crop=n - 1 if n > 1 else 0, grid_hw=grid,
                            **features)

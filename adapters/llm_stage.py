@@ -94,7 +94,6 @@ class LLMForward:
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_kwargs: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)  # stage -> (mask, pos, emb)
     full: torch.Tensor | None = None  # (B, L, D) re-expansion buffer
-    current: int = -1  # index into `stages` of the stage the running layer belongs to
 
 
 def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -345,11 +344,17 @@ class LLMStageEngine:
         prev = fwd.stages[-1] if fwd.stages else None
         b, length = fwd.mask2d.shape
         device = hidden.device  # layers may sit on different devices (device_map): work on this layer's
-        alive = prev.where.to(device) >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+        if prev is not None:
+            alive = prev.where.to(device) >= 0
+        else:
+            alive = torch.ones(b, length, dtype=torch.bool, device=device)
         alive = alive.clone()  # (B, L) prefill positions still in the sequence
         if scores is None:
             raise AssertionError(f"no scores were captured for the drop at layer {k} (score_layer={self.score_rule!r})")
-        where_prev = prev.where.to(device) if prev is not None else torch.arange(length, device=device).expand(b, length)
+        if prev is not None:
+            where_prev = prev.where.to(device)  # (B, L)
+        else:
+            where_prev = torch.arange(length, device=device).expand(b, length)  # (B, L)
         changed = False
         for im in fwd.images:
             im.layer_tokens.extend([int(im.present.numel())] * (k - len(im.layer_tokens)))

@@ -5,13 +5,12 @@ cells of the property grid (`test_properties.py`)."""
 
 import pytest
 import torch
+from conftest import batch, get_model, make_image
 
 import vlmdrop
 from vlmdrop.ops.budget import resolve_budget
 from vlmdrop.ops.hired import crop_budgets as hired_crop_budgets
 from vlmdrop.ops.tiles import pool_patch_scores
-
-from conftest import batch, get_model, make_image
 
 PROMPT = "USER: <IMG_CONTEXT>\nwhat is the shape ? ASSISTANT:"
 # tiny InternVL: 64 px tiles, 16 tokens per tile, max_patches=6
@@ -93,7 +92,8 @@ def test_base_region_maps_thumbnail_to_tile_grid():
     inputs = _inputs(proc, [MAX, (200, 100)])
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
-        images = [im.tokens for im in ad.images(ad.encode({"pixel_values": inputs["pixel_values"]}), inputs["input_ids"])]
+        enc = ad.encode({"pixel_values": inputs["pixel_values"]})
+        images = [im.tokens for im in ad.images(enc, inputs["input_ids"])]
     # 4x4 thumbnail grid; 1x6 tiles: columns 0..3 -> tiles floor((c + .5) * 6 / 4)
     assert images[0].base_region.reshape(4, 4)[0].tolist() == [0, 2, 3, 5]
     # 2x1 tiles: top two thumbnail rows -> tile 0, bottom two -> tile 1

@@ -41,10 +41,10 @@ def plan_compaction(keep: torch.Tensor) -> Compaction:
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a 2-D bool tensor, got {tuple(keep.shape)} {keep.dtype}")
-    b, l = keep.shape
+    b, length = keep.shape
     kept_per_row = keep.sum(dim=1)  # (B,)
     l_new = int(kept_per_row.max().item()) if b else 0
-    removed = l - kept_per_row  # (B,)
+    removed = length - kept_per_row  # (B,)
     removed_before = torch.cumsum((~keep).long(), dim=1) - (~keep).long()  # (B, L) exclusive count
     # Destination of each kept input column: right-aligned in a row of length l_new.
     dest = (l_new - kept_per_row)[:, None] + torch.cumsum(keep.long(), dim=1) - 1  # (B, L)

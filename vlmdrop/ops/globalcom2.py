@@ -88,7 +88,8 @@ def crop_retention(
         raise ValueError(f"base_ratio must be in [0, 1], got {base_ratio}")
     region = region_of_crop.reshape(-1).long().cpu()  # (h*w,)
     if region.numel() and (region.min() < 0 or region.max() >= n_crops):
-        raise ValueError(f"region_of_crop values must lie in [0, {n_crops}), got [{int(region.min())}, {int(region.max())}]")
+        raise ValueError(f"region_of_crop values must lie in [0, {n_crops}), "
+                         f"got [{int(region.min())}, {int(region.max())}]")
     scores = thumb_cls_attn.reshape(-1).detach().cpu().double()  # (h*w,) float64 like the numpy original
     s = torch.zeros(n_crops, dtype=torch.float64).index_add_(0, region, scores)  # (n_crops,)
     e = torch.exp((s - s.max()) / temperature)  # (n_crops,)
@@ -172,7 +173,8 @@ def official_crop_boxes(
     return (v_r1 - v_r0, v_c1 - v_c0), boxes, local_boxes
 
 
-def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, *, total: int | None = None) -> list[int]:
+def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, *,
+                     total: int | None = None) -> list[int]:
     """Tokens to keep per crop.
 
     total=None: the official rule, k_i = int(n_i * r_i) (floor, LA L251); the sum is not fixed.
