@@ -1,7 +1,7 @@
 """Model adapters (packaged as `vlmdrop.adapters`); importing registers them.  The contract: `base.py`."""
 
-from .base import Adapter, HFVlmAdapter, ImageInput, Installation, adapter_for, register_adapter, supported_classes
 from . import internvl, llava, open_clip  # noqa: F401  (open_clip itself is imported only for open_clip models)
+from .base import Adapter, HFVlmAdapter, ImageInput, Installation, adapter_for, register_adapter, supported_classes
 
 __all__ = ["Adapter", "HFVlmAdapter", "ImageInput", "Installation", "adapter_for", "register_adapter",
            "supported_classes"]

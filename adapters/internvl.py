@@ -38,7 +38,14 @@ from torch import nn
 
 from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map
-from vlmdrop.ops.tiles import infer_tile_grid
+from vlmdrop.ops.tiles import (
+    infer_tile_grid,
+    patch_ids,
+    pool_patch_features,
+    pool_patch_scores,
+    shuffle_source_map,
+    to_raster,
+)
 
 from .base import HFVlmAdapter, ImageInput, register_adapter
 from .hf_vlm import ENCODED_ATTR, feature_layer_index
@@ -113,19 +120,10 @@ class InternVLAdapter(HFVlmAdapter):
         self.pad_token_id = pad if pad is not None else 0
 
     def _shuffle_map(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Source patches of each post-shuffle token (in feature order), its raster index on the
-        post-shuffle grid, and that grid's (h', w'); from the model's own `pixel_shuffle`."""
-        h, w = self.patch_hw
-        idx = torch.arange(h * w, dtype=torch.float64).reshape(1, h, w, 1)  # (1, h, w, 1) patch ids
-        shuffled = self.base.pixel_shuffle(idx, scale_factor=self.config.downsample_ratio)  # (1, h', w', k)
-        hh, ww = shuffled.shape[1], shuffled.shape[2]
-        sources = shuffled.reshape(hh * ww, -1).round().long()  # (N', k) in feature order
-        rows = (sources // w).double().mean(-1)  # (N',) mean source row
-        cols = (sources % w).double().mean(-1)  # (N',)
-        local = (rows * hh / h).floor().long() * ww + (cols * ww / w).floor().long()  # (N',) post-shuffle raster
-        if not torch.equal(local.sort().values, torch.arange(hh * ww)):
-            raise AssertionError(f"pixel_shuffle source map is not a permutation of the {hh}x{ww} grid")
-        return sources, local, (int(hh), int(ww))
+        """`shuffle_source_map` of the model's own `pixel_shuffle` run on the patch ids."""
+        shuffled = self.base.pixel_shuffle(patch_ids(*self.patch_hw),
+                                           scale_factor=self.config.downsample_ratio)  # (1, h', w', k)
+        return shuffle_source_map(shuffled, patch_hw=self.patch_hw)
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:
@@ -148,40 +146,23 @@ class InternVLAdapter(HFVlmAdapter):
         for role, r in rows.items():
             if r.shape[0] != n_tiles:
                 raise AssertionError(f"captured {r.shape[0]} tiles for role {role!r}, features have {n_tiles}")
-            pooled[role] = self._pool(r[:, :, 1:])  # (T, H, N') CLS column dropped, 2x2 sources summed
+            # (T, H, N'): CLS column dropped, 2x2 sources summed, post-shuffle raster order
+            pooled[role] = pool_patch_scores(r[:, :, 1:], self.sources, self.local_index)
         for name, t in (("keys", keys), ("projector input", hidden)):
             if t is not None and t.shape[0] != n_tiles:
                 raise AssertionError(f"captured {name} for {t.shape[0]} tiles, features have {n_tiles}")
         if keys is not None:
-            keys = self._pool_keys(keys[:, 1:])  # (T, N', Dh) CLS row dropped, 2x2 sources averaged
+            if keys.shape[1] - 1 != self.patch_hw[0] * self.patch_hw[1]:
+                raise AssertionError(f"keys have {keys.shape[1] - 1} patches per tile, expected "
+                                     f"{self.patch_hw[0]}x{self.patch_hw[1]}")
+            keys = pool_patch_features(keys[:, 1:], self.sources, self.local_index)  # (T, N', Dh) CLS row dropped
         if hidden is not None:
             if hidden.shape[1] != self.tokens_per_tile:
                 raise AssertionError(f"projector input has {hidden.shape[1]} tokens per tile, "
                                      f"expected {self.tokens_per_tile}")
-            hidden = self._to_raster(hidden)  # (T, N', 4C) post-shuffle raster order
+            hidden = to_raster(hidden, self.local_index)  # (T, N', 4C) post-shuffle raster order
         setattr(out, ENCODED_ATTR, EncodedTiles(n_tiles=n_tiles, pixels=pixel_values, cls_rows=pooled, keys=keys,
                                                 hidden=hidden))
-
-    def _pool(self, rows: torch.Tensor) -> torch.Tensor:
-        """(T, H, h*w) patch scores -> (T, H, N') post-shuffle scores in raster order (sum of sources)."""
-        by_token = rows[..., self.sources.to(rows.device)].sum(-1)  # (T, H, N') feature order
-        out = torch.empty_like(by_token)
-        out[..., self.local_index.to(rows.device)] = by_token
-        return out
-
-    def _to_raster(self, by_token: torch.Tensor) -> torch.Tensor:
-        """(T, N', X) post-shuffle tokens in feature order -> the same in post-shuffle raster order."""
-        out = torch.empty_like(by_token)
-        out[:, self.local_index.to(by_token.device)] = by_token
-        return out
-
-    def _pool_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """(T, h*w, Dh) patch keys -> (T, N', Dh) post-shuffle keys in raster order (mean of the 2x2 sources)."""
-        if keys.shape[1] != self.patch_hw[0] * self.patch_hw[1]:
-            raise AssertionError(f"keys have {keys.shape[1]} patches per tile, expected "
-                                 f"{self.patch_hw[0]}x{self.patch_hw[1]}")
-        by_token = keys[:, self.sources.to(keys.device)].mean(2)  # (T, N', k, Dh) -> (T, N', Dh) feature order
-        return self._to_raster(by_token)
 
     def images(self, enc: Any, input_ids: torch.Tensor, *, layouts: bool = True) -> list[ImageInput]:
         """Per-image visual rows (and `ImageTokens`), grouping tiles by the placeholder runs of `input_ids`."""
@@ -277,7 +258,8 @@ class InternVLAdapter(HFVlmAdapter):
         local = self.local_index.repeat(n)  # (n*N',)
         base_region = None
         if grid is not None:
-            base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=(0, 0, grid[0] * hh, grid[1] * ww))
+            base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid,
+                                          content_box=(0, 0, grid[0] * hh, grid[1] * ww))
         return ImageTokens(n_before=n * per, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw, n_crops=n,
                            cls_attn=cls_attn, base_region=base_region, base_crop=n - 1 if n > 1 else 0, grid_hw=grid,
                            **features)

@@ -57,7 +57,8 @@ class LlavaAdapter(HFVlmAdapter):
         try:
             self.layers = list(vm.encoder.layers)
         except AttributeError as e:
-            raise ValueError(f"vision tower {type(tower).__name__} has no encoder.layers; vlmdrop expects a CLIP-style ViT") from e
+            raise ValueError(f"vision tower {type(tower).__name__} has no encoder.layers; "
+                             "vlmdrop expects a CLIP-style ViT") from e
         attn = self.layers[0].self_attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
         vcfg = self.config.vision_config
@@ -91,7 +92,8 @@ class LlavaAdapter(HFVlmAdapter):
             if image_sizes is None:
                 raise ValueError("LLaVA-NeXT images need image_sizes")
             sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
-            n_crops = [image_size_to_num_patches(s, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            n_crops = [image_size_to_num_patches(s, self.config.image_grid_pinpoints,
+                                                 self.config.vision_config.image_size)
                        for s in sizes]
         else:
             sizes, n_crops = [None] * len(feats), [1] * len(feats)
@@ -107,7 +109,8 @@ class LlavaAdapter(HFVlmAdapter):
             cls_attn = {role: r[start:start + n, :, 1:] for role, r in rows.items()}  # (n, H, h*w) CLS column dropped
             try:
                 im = self._layout(feat, n, size, cls_attn,
-                                  vit_keys=None if keys is None else keys[start:start + n, 1:],  # (n, h*w, Dh) CLS dropped
+                                  # (n, h*w, Dh) CLS dropped
+                                  vit_keys=None if keys is None else keys[start:start + n, 1:],
                                   vit_hidden=None if hidden is None else hidden[start:start + n])  # (n, h*w, C)
             except (ValueError, AssertionError) as e:
                 where = f"image {i} of {len(feats)} in this batch"
@@ -169,5 +172,6 @@ class LlavaAdapter(HFVlmAdapter):
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-        gh, gw = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        gh, gw = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints,
+                                             self.config.vision_config.image_size)
         return int(gh), int(gw)

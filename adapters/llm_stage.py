@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from vlmdrop.interface import LLMMethod
-from vlmdrop.ops.compact import compact_positions, last_index, plan_compaction, scatter_back
+from vlmdrop.ops.compact import compact_positions, gather_rows, last_index, recompact, scatter_back
 from vlmdrop.ops.llm_scores import last_token_attention
 from vlmdrop.stats import ImageStats
 
@@ -94,7 +94,6 @@ class LLMForward:
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_kwargs: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)  # stage -> (mask, pos, emb)
     full: torch.Tensor | None = None  # (B, L, D) re-expansion buffer
-    current: int = -1  # index into `stages` of the stage the running layer belongs to
 
 
 def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -345,11 +344,17 @@ class LLMStageEngine:
         prev = fwd.stages[-1] if fwd.stages else None
         b, length = fwd.mask2d.shape
         device = hidden.device  # layers may sit on different devices (device_map): work on this layer's
-        alive = prev.where.to(device) >= 0 if prev is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+        if prev is not None:
+            alive = prev.where.to(device) >= 0
+        else:
+            alive = torch.ones(b, length, dtype=torch.bool, device=device)
         alive = alive.clone()  # (B, L) prefill positions still in the sequence
         if scores is None:
             raise AssertionError(f"no scores were captured for the drop at layer {k} (score_layer={self.score_rule!r})")
-        where_prev = prev.where.to(device) if prev is not None else torch.arange(length, device=device).expand(b, length)
+        if prev is not None:
+            where_prev = prev.where.to(device)  # (B, L)
+        else:
+            where_prev = torch.arange(length, device=device).expand(b, length)  # (B, L)
         changed = False
         for im in fwd.images:
             im.layer_tokens.extend([int(im.present.numel())] * (k - len(im.layer_tokens)))
@@ -374,25 +379,19 @@ class LLMStageEngine:
             fwd.full = hidden  # (B, L, D)
         else:
             fwd.full = scatter_back(fwd.full, prev.src, prev.valid, hidden)
-        plan = plan_compaction(alive)
-        src, valid = plan.src.to(device), plan.valid.to(device)  # (B, L_s)
-        where = torch.full((b, length), -1, dtype=torch.long, device=device)
-        rows = torch.arange(b, device=device)[:, None].expand_as(src)
-        where[rows[valid], src[valid]] = torch.arange(src.shape[1], device=device).expand_as(src)[valid]
-        from_prev = where_prev.gather(1, src).clamp(min=0)  # (B, L_s) rows of `hidden` to take
-        new_hidden = hidden.gather(1, from_prev[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L_s, D)
-        prefix_mask = valid & fwd.mask2d.to(device).gather(1, src)  # (B, L_s)
-        stage = _Stage(layer=k, src=src, valid=valid, prefix_mask=prefix_mask, removed=plan.removed.to(device),
-                       where=where)
+        new = recompact(hidden, alive, where_prev=where_prev, mask=fwd.mask2d.to(device))
+        plan = new.plan
+        stage = _Stage(layer=k, src=plan.src, valid=plan.valid, prefix_mask=new.mask, removed=plan.removed,
+                       where=new.where)
         pos_ids = kwargs.get("position_ids")
         if pos_ids is None:
             pos_ids = torch.arange(length, device=device)[None]
         if self.method.positions == "compact":
             stage.positions = compact_positions(pos_ids, plan).to(device)  # (B, L_s)
         else:
-            stage.positions = pos_ids.expand(b, -1).gather(1, src).masked_fill(~valid, 0)  # (B, L_s)
+            stage.positions = gather_rows(pos_ids.expand(b, -1), plan, fill=0)  # (B, L_s)
         fwd.stages.append(stage)
-        return _with_hidden(args, kwargs, new_hidden)
+        return _with_hidden(args, kwargs, new.rows)
 
     def _stage_kwargs(self, fwd: LLMForward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
         """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; positions None

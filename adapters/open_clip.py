@@ -117,7 +117,8 @@ class _TowerDrop:
         h, w = a.grid
         images = []
         for i in range(bsz):
-            cls_attn = {role: self.captures[idx].cls_row[i:i + 1, :, 1:] for role, idx in self.roles.items()}  # (1, H, N)
+            # (1, H, N) per role
+            cls_attn = {role: self.captures[idx].cls_row[i:i + 1, :, 1:] for role, idx in self.roles.items()}
             keys = feat_cap.keys[i:i + 1, 1:] if feat_cap is not None else None  # (1, N, Dh)
             images.append(ImageTokens(n_before=n, crop_of=torch.zeros(n, dtype=torch.long), local_index=torch.arange(n),
                                       crop_hw=(h, w), n_crops=1, cls_attn=cls_attn, sample=i,
@@ -183,7 +184,8 @@ class OpenClipAdapter(Adapter):
                              "(through the model or its .visual); call handle.remove() first")
         if layer is None:
             layer = n_layers // 2
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers < layer < n_layers or layer % n_layers == 0:
+        if (isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers < layer < n_layers
+                or layer % n_layers == 0):
             raise ValueError(f"layer={layer!r} is not valid for a tower with {n_layers} blocks: use an int in "
                              f"1..{n_layers - 1} (or -{n_layers - 1}..-1); blocks layer.. run on the kept tokens "
                              "and block layer-1 scores them")

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import batch, get_model
 from torch import nn
 
 import vlmdrop
 from vlmdrop.methods.hired import HiredConfig
-
-from conftest import batch, get_model
 
 
 def test_methods_lists_builtins():
@@ -45,7 +44,8 @@ def test_unknown_method_lists_valid_ones():
 
 
 def test_unsupported_model_names_supported_classes():
-    with pytest.raises(ValueError, match="no adapter for Linear; supported model classes: .*LlavaForConditionalGeneration"):
+    msg = "no adapter for Linear; supported model classes: .*LlavaForConditionalGeneration"
+    with pytest.raises(ValueError, match=msg):
         vlmdrop.apply(nn.Linear(2, 2), "hired", budget=0.2)
 
 

@@ -9,10 +9,9 @@ import threading
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
-
-from conftest import batch, get_model
 
 N_NEW = 5
 PROMPTS = {"llava": ["USER: <image>\nwhat is the shape ? ASSISTANT:",

@@ -4,10 +4,9 @@ official-code mode."""
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
-
-from conftest import batch, get_model
 
 MIXED = [(60, 130), (90, 50), (56, 56)]  # grids 1x3, 2x1, 1x2 -> different lengths, left padding
 
@@ -52,7 +51,7 @@ def test_from_pretrained_checkpoint(tmp_path, kind):
 
 def test_hired_official_code_mode():
     """Compatibility mode: the official code's counts (int(n_crops*N*rate), row bands, floors, no newlines)."""
-    from vlmdrop.ops.hired_official import official_crop_budgets, official_total_budget
+    from vlmdrop.ops.hired_official import official_total_budget
 
     model, proc = get_model("llava_next")
     inputs = batch(proc, [(120, 110), (90, 50)])  # grids 2x2 and 2x1: 16 base patches split into 4 | 2 bands

@@ -5,14 +5,13 @@ a column of the property grid (`test_properties.py`)."""
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
 from vlmdrop.interface import ImageTokens
 from vlmdrop.methods.globalcom2 import GlobalCom2, GlobalCom2Config, _crop_boxes
 from vlmdrop.ops.globalcom2 import crop_keep_counts, crop_retention, crop_token_scores, official_crop_boxes
 from vlmdrop.ops.topk import top_k
-
-from conftest import batch, get_model
 
 MIXED = [(60, 130), (90, 50), (56, 56)]
 
@@ -21,7 +20,8 @@ def _internvl_like(scores: torch.Tensor) -> ImageTokens:
     """Two 4x4 tiles side by side (grid 1x2) then the thumbnail; `scores` is (3, H, 16)."""
     from vlmdrop.ops.anyres import base_region_map
 
-    return ImageTokens(n_before=48, crop_of=torch.arange(3).repeat_interleave(16), local_index=torch.arange(16).repeat(3),
+    return ImageTokens(n_before=48, crop_of=torch.arange(3).repeat_interleave(16),
+                       local_index=torch.arange(16).repeat(3),
                        crop_hw=(4, 4), n_crops=3, cls_attn={"score": scores}, base_crop=2, grid_hw=(1, 2),
                        base_region=base_region_map(crop_hw=(4, 4), grid_hw=(1, 2), content_box=(0, 0, 4, 8)))
 

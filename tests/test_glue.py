@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import batch
+from vlmdrop.adapters import HFVlmAdapter, ImageInput
 
 import vlmdrop
-from vlmdrop.adapters import HFVlmAdapter, ImageInput
 from vlmdrop.interface import ImageTokens
 from vlmdrop.methods.random import Random
 from vlmdrop.stats import DropStats
 from vlmdrop.testing import tiny_internvl, tiny_llava_next
-
-from conftest import batch
 
 PROMPT = "USER: <image>\nwhat is the shape ? ASSISTANT:"
 _MODELS: dict = {}

@@ -5,12 +5,12 @@ cells of the property grid (`test_properties.py`)."""
 
 import pytest
 import torch
+from conftest import batch, get_model, make_image
 
 import vlmdrop
 from vlmdrop.ops.budget import resolve_budget
 from vlmdrop.ops.hired import crop_budgets as hired_crop_budgets
-
-from conftest import batch, get_model, make_image
+from vlmdrop.ops.tiles import pool_patch_scores
 
 PROMPT = "USER: <IMG_CONTEXT>\nwhat is the shape ? ASSISTANT:"
 # tiny InternVL: 64 px tiles, 16 tokens per tile, max_patches=6
@@ -92,7 +92,8 @@ def test_base_region_maps_thumbnail_to_tile_grid():
     inputs = _inputs(proc, [MAX, (200, 100)])
     with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.3) as h:
         ad = _adapter(h)
-        images = [im.tokens for im in ad.images(ad.encode({"pixel_values": inputs["pixel_values"]}), inputs["input_ids"])]
+        enc = ad.encode({"pixel_values": inputs["pixel_values"]})
+        images = [im.tokens for im in ad.images(enc, inputs["input_ids"])]
     # 4x4 thumbnail grid; 1x6 tiles: columns 0..3 -> tiles floor((c + .5) * 6 / 4)
     assert images[0].base_region.reshape(4, 4)[0].tolist() == [0, 2, 3, 5]
     # 2x1 tiles: top two thumbnail rows -> tile 0, bottom two -> tile 1
@@ -133,9 +134,11 @@ def test_pooled_cls_rows_match_eager_attention(qk_norm):
             got = im.cls_attn[role]  # (3, H, 16)
             row = att[layer][:, :, 0]  # (3, H, 65) CLS row, CLS column first
             if role != "score":
-                torch.testing.assert_close(got, ad._pool(row[..., 1:]), atol=1e-5, rtol=1e-4)
+                want = pool_patch_scores(row[..., 1:], ad.sources, ad.local_index)  # (3, H, 16)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
             else:  # logit_j - logit_cls = log p_j - log p_cls, so the difference is 4 * logit_cls per (tile, head)
-                diff = got - ad._pool(row[..., 1:].log() - row[..., :1].log())  # (3, H, 16)
+                logit_gap = row[..., 1:].log() - row[..., :1].log()  # (3, H, 64)
+                diff = got - pool_patch_scores(logit_gap, ad.sources, ad.local_index)  # (3, H, 16)
                 torch.testing.assert_close(diff, diff[..., :1].expand_as(diff), atol=1e-3, rtol=1e-4)
 
 

@@ -5,10 +5,9 @@ and `remove()` on InternVL are grid cells."""
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
-
-from conftest import batch, get_model
 
 PROMPT = "USER: <IMG_CONTEXT>\nwhat is the shape ? ASSISTANT:"
 MIXED = [(60, 130), (56, 56), (50, 300)]  # 3, 1 and 7 tiles -> 48, 16, 112 tokens, left padding

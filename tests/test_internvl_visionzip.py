@@ -6,13 +6,11 @@ projector: forward, cache step, generate), eager vs sdpa, `remove()` and bf16 ar
 
 import pytest
 import torch
+from conftest import batch, get_model
+from references import internvl_post_shuffle
 
 import vlmdrop
 from vlmdrop.ops.visionzip import split_budget, visionzip_select
-
-from references import internvl_post_shuffle
-
-from conftest import batch, get_model
 
 PROMPT = "USER: <IMG_CONTEXT>\nwhat is the shape ? ASSISTANT:"
 # tiny InternVL: 64 px tiles, 8x8 patches -> pixel shuffle 0.5 -> 4x4 = 16 tokens per tile, max_patches=6

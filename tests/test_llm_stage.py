@@ -5,10 +5,9 @@ generate; stacked with a vision stage), eager vs sdpa, bf16 and `remove()` are p
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
-
-from conftest import batch, get_model
 
 MIXED = [(60, 130), (90, 50), (56, 56)]  # LLaVA-NeXT: 52, 56, 36 image tokens -> left padding
 
@@ -34,9 +33,11 @@ def _hooks(model):
     ("pdrop", {"layers": (1, 2), "ratio": (0.5,)}, r"ratio=\(0\.5,\) has 1 values but layers"),
     ("pdrop", {"layers": (1, 2), "ratio": 1.5}, r"ratio=1\.5"),
     ("pdrop", {"layers": (1, 2), "ratio": 10**400}, r"every ratio must be a number in \(0, 1\]"),
-    ("pdrop", {"layers": (1, 2), "score_layer": "next"}, r"score_layer='next' is not valid; choose one of: current, previous"),
+    ("pdrop", {"layers": (1, 2), "score_layer": "next"},
+     r"score_layer='next' is not valid; choose one of: current, previous"),
     ("pdrop", {"layers": (1, 4)}, r"layers=4 is out of range .* 4 decoder layers \(valid: 1\.\.3\)"),
-    ("pdrop", {"layers": (1, 4), "score_layer": "previous"}, r"layers=4 is out of range .* layer K is scored by layer K-1"),
+    ("pdrop", {"layers": (1, 4), "score_layer": "previous"},
+     r"layers=4 is out of range .* layer K is scored by layer K-1"),
     (["hired", "random"], {}, r"all vision-stage methods"),
     (["fastv", "pdrop"], {}, r"all llm-stage methods"),
     (["hired", "fastv"], {"budget": 0.2}, r"unexpected keyword\(s\) \['budget'\]"),

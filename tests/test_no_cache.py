@@ -8,10 +8,9 @@ runs.  Models configured unlike the shared fixtures (other seeds, 3 decoder laye
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
-
-from conftest import batch, get_model
 
 N_NEW = 5
 SIZES = [(60, 130), (90, 50)]
@@ -31,7 +30,8 @@ def _inputs(family, proc):
 def _generate(model, inputs, **kw):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                              suppress_tokens=[model.config.image_token_id], **kw)  # random weights: never a placeholder
+                              # random weights: never generate a placeholder
+                              suppress_tokens=[model.config.image_token_id], **kw)
 
 
 def _stats(handle):

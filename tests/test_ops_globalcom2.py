@@ -9,6 +9,7 @@ from vlmdrop.ops.globalcom2 import (
     crop_token_scores,
     official_crop_boxes,
     official_region_map,
+    stitched_crop_boxes,
 )
 
 
@@ -93,3 +94,42 @@ def test_keep_counts_errors_carry_values():
         crop_keep_counts([5, 5], [0.5, 1.5])
     with pytest.raises(ValueError, match="2 crops but 1 ratios"):
         crop_keep_counts([5, 5], [0.5])
+
+
+def test_stitched_crop_boxes_hand_computed():
+    # 1x2 sub-images of 2x3 tokens; unpadding kept only row 1 of each crop -> stitched grid 1x6
+    local = [torch.tensor([3, 4, 5]), torch.tensor([3, 4, 5])]
+    boxes = stitched_crop_boxes(local, crop_hw=(2, 3), grid_hw=(1, 2))
+    assert boxes == {0: ((1, 6), (0, 1), (0, 3)), 1: ((1, 6), (0, 1), (3, 6))}
+    # 2x1 sub-images of 2x2 tokens, columns 1.. kept, the second crop empty
+    boxes = stitched_crop_boxes([torch.tensor([1, 3]), torch.tensor([], dtype=torch.long)], crop_hw=(2, 2),
+                                grid_hw=(2, 1))
+    assert boxes == {0: ((2, 1), (0, 2), (0, 1))}
+    assert stitched_crop_boxes([torch.tensor([], dtype=torch.long)], crop_hw=(2, 2), grid_hw=(1, 1)) == {}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stitched_crop_boxes_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    h, w = (int(x) for x in torch.randint(1, 6, (2,), generator=g))
+    gh, gw = (int(x) for x in torch.randint(1, 4, (2,), generator=g))
+    big_h, big_w = gh * h, gw * w
+    r0, c0 = int(torch.randint(0, big_h, (1,), generator=g)), int(torch.randint(0, big_w, (1,), generator=g))
+    r1 = int(torch.randint(r0 + 1, big_h + 1, (1,), generator=g))
+    c1 = int(torch.randint(c0 + 1, big_w + 1, (1,), generator=g))
+    kept = torch.zeros(big_h, big_w, dtype=torch.bool)  # (gh*h, gw*w) the unpadded content box
+    kept[r0:r1, c0:c1] = True
+    local, want = [], {}
+    for j in range(gh * gw):
+        crop = kept[(j // gw) * h:(j // gw + 1) * h, (j % gw) * w:(j % gw + 1) * w]  # (h, w)
+        local.append(crop.reshape(-1).nonzero().reshape(-1))
+        rows, cols = crop.any(1).nonzero().reshape(-1), crop.any(0).nonzero().reshape(-1)
+        if rows.numel():
+            top, left = (j // gw) * h + int(rows[0]) - r0, (j % gw) * w + int(cols[0]) - c0
+            want[j] = ((r1 - r0, c1 - c0), (top, top + rows.numel()), (left, left + cols.numel()))
+    assert stitched_crop_boxes(local, crop_hw=(h, w), grid_hw=(gh, gw)) == want
+
+
+def test_stitched_crop_boxes_errors_carry_values():
+    with pytest.raises(ValueError, match="2x2 does not hold the 3"):
+        stitched_crop_boxes([torch.tensor([0])] * 3, crop_hw=(2, 2), grid_hw=(2, 2))

@@ -6,8 +6,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from vlmdrop.ops.llm_scores import last_token_attention
-from vlmdrop.ops.topk import top_k
 from vlmdrop.ops.rope import apply_rope, repeat_kv
+from vlmdrop.ops.topk import top_k
 
 
 def _config(kv_heads):

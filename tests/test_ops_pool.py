@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdrop.ops.pool import pool_grid
+from vlmdrop.ops.pool import bounding_rectangle, pool_grid
 
 
 def _adaptive(tokens, h, w, oh, ow):
@@ -13,7 +13,8 @@ def _adaptive(tokens, h, w, oh, ow):
 @pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (5, 7), (24, 24), (1, 9), (9, 1)])
 def test_exact_count_for_every_target(h, w):
     tokens = torch.randn(h * w, 3)
-    targets = range(1, h * w + 1) if h * w <= 64 else [1, 2, 3, 5, 23, 25, 63, 64, 65, 143, 144, 145, 287, 289, 575, 576]
+    big = [1, 2, 3, 5, 23, 25, 63, 64, 65, 143, 144, 145, 287, 289, 575, 576]
+    targets = range(1, h * w + 1) if h * w <= 64 else big
     for target in targets:
         pooled, groups = pool_grid(tokens, h=h, w=w, target=target)
         assert pooled.shape == (target, 3)
@@ -42,7 +43,8 @@ def test_hand_computed_2x3():
     assert pooled.squeeze(1).tolist() == [2.5]
 
 
-@pytest.mark.parametrize("h,w,target,oh,ow", [(24, 24, 144, 12, 12), (5, 7, 12, 3, 4), (6, 6, 9, 3, 3), (24, 24, 64, 8, 8)])
+@pytest.mark.parametrize("h,w,target,oh,ow",
+                         [(24, 24, 144, 12, 12), (5, 7, 12, 3, 4), (6, 6, 9, 3, 3), (24, 24, 64, 8, 8)])
 def test_equals_adaptive_avg_pool_when_grid_is_regular(h, w, target, oh, ow):
     tokens = torch.randn(h * w, 5, dtype=torch.float64)
     pooled, _ = pool_grid(tokens, h=h, w=w, target=target)
@@ -61,3 +63,16 @@ def test_errors_carry_values():
         pool_grid(torch.zeros(6, 1), h=2, w=3, target=0)
     with pytest.raises(ValueError, match=r"\(5, 1\)"):
         pool_grid(torch.zeros(5, 1), h=2, w=3, target=2)
+
+
+@pytest.mark.parametrize("w,r0,c0,rows,cols", [(1, 0, 0, 1, 1), (5, 1, 2, 3, 2), (4, 0, 0, 4, 4), (7, 3, 0, 1, 7)])
+def test_bounding_rectangle_brute_force(w, r0, c0, rows, cols):
+    local = torch.tensor([(r0 + i) * w + c0 + j for i in range(rows) for j in range(cols)])
+    assert bounding_rectangle(local[torch.randperm(local.numel())], w=w) == (r0, c0, rows, cols)
+
+
+def test_bounding_rectangle_rejects_holes_and_empty():
+    with pytest.raises(ValueError, match="3 tokens in a 2x2 bounding box"):
+        bounding_rectangle(torch.tensor([0, 1, 4]), w=3)
+    with pytest.raises(ValueError, match="got none"):
+        bounding_rectangle(torch.tensor([], dtype=torch.long), w=3)

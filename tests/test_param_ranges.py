@@ -3,10 +3,10 @@ naming the value), never by the first `generate`; the edges of the valid ranges 
 
 import pytest
 import torch
+from conftest import batch, get_model
 
 import vlmdrop
 
-from conftest import batch, get_model
 
 def model_of():
     return get_model("llava_next", seed=31, text_layers=3)

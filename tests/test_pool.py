@@ -4,11 +4,10 @@ cache step, generate), eager vs sdpa, bf16 and `remove()` are grid cells (`test_
 
 import pytest
 import torch
-
-import vlmdrop
-
 from conftest import IMAGE_SIZES, batch, get_model
 from references import image_refs
+
+import vlmdrop
 
 MIXED = [(60, 130), (90, 50), (56, 56)]
 

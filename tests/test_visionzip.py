@@ -4,12 +4,11 @@ cache step, generate), eager vs sdpa, bf16 and `remove()` are grid cells (`test_
 
 import pytest
 import torch
+from conftest import IMAGE_SIZES, batch, get_model
+from references import image_refs
 
 import vlmdrop
 from vlmdrop.ops.visionzip import split_budget, visionzip_select
-
-from conftest import IMAGE_SIZES, batch, get_model
-from references import image_refs
 
 MIXED = [(60, 130), (90, 50), (56, 56)]
 

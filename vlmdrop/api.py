@@ -81,7 +81,8 @@ def _resolve(method: str | Sequence[str], params: dict[str, Any]) -> list[tuple[
     if isinstance(method, str):
         get_method(method)
         return [(method, build_config(method, params))]
-    if not isinstance(method, (list, tuple)) or not 1 <= len(method) <= 2 or not all(isinstance(m, str) for m in method):
+    if (not isinstance(method, (list, tuple)) or not 1 <= len(method) <= 2
+            or not all(isinstance(m, str) for m in method)):
         raise ValueError(f"method={method!r}: give a method name, or a list of one vision-stage and one LLM-stage "
                          f"method name, e.g. ['hired', 'fastv']; valid methods: {', '.join(method_names())}")
     for name in method:

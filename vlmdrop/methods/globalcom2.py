@@ -102,32 +102,12 @@ class GlobalCom2(VisionMethod):
         return select_per_crop(image, n_keep, budgets_for, pick)
 
 
-def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
-    """For each sub-image crop: (unpadded stitched grid (H, W), its rows [r0, r1), its cols [c0, c1)).
 
-    Sub-images are `image.sub_crops()` in raster order over `image.grid_hw`; the stitched grid is the
-    bounding box of every sub-image position (LLaVA-NeXT unpadding removes whole rows or columns).
-    """
+def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """`G.stitched_crop_boxes` of the image's sub-images, keyed by crop id."""
     if image.grid_hw is None:
         raise ValueError(f"an image with {image.n_crops} crops needs its sub-image grid (ImageTokens.grid_hw)")
-    h, w = image.crop_hw
-    gh, gw = image.grid_hw
     subs = image.sub_crops()
-    if gh * gw != len(subs):
-        raise ValueError(f"grid {gh}x{gw} does not hold the {len(subs)} sub-images")
-    spans = {}
-    for j, c in enumerate(subs):
-        local = image.local_index[image.crop_positions(c)]  # (n,)
-        if local.numel() == 0:
-            continue
-        r = (j // gw) * h + local // w  # (n,) stitched-grid rows
-        q = (j % gw) * w + local % w  # (n,) stitched-grid cols
-        spans[c] = (int(r.min()), int(r.max()) + 1, int(q.min()), int(q.max()) + 1)
-    if not spans:  # unpadding left no sub-image position (extreme aspect ratio): nothing to score
-        return {}
-    top = min(s[0] for s in spans.values())
-    bottom = max(s[1] for s in spans.values())
-    left = min(s[2] for s in spans.values())
-    right = max(s[3] for s in spans.values())
-    full = (bottom - top, right - left)
-    return {c: (full, (r0 - top, r1 - top), (c0 - left, c1 - left)) for c, (r0, r1, c0, c1) in spans.items()}
+    local = [image.local_index[image.crop_positions(c)] for c in subs]  # (n_j,) raster index inside crop c
+    boxes = G.stitched_crop_boxes(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
+    return {subs[j]: box for j, box in boxes.items()}

@@ -51,7 +51,8 @@ class HiredConfig(MethodConfig):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not valid; valid modes: {', '.join(MODES)}")
         if self.mode == "official-code" and not isinstance(self.budget, float):
-            raise ValueError(f"budget={self.budget!r}: mode='official-code' takes a float rate, as the official code does")
+            raise ValueError(f"budget={self.budget!r}: mode='official-code' takes a float rate, "
+                             "as the official code does")
 
 
 @register_method("hired", HiredConfig)

@@ -86,7 +86,8 @@ class PDropConfig(MethodConfig):
             ratio = self.ratio
         ratios = ratio if isinstance(ratio, tuple) else (ratio,) * len(layers)
         if len(ratios) != len(layers):
-            raise ValueError(f"ratio={self.ratio!r} has {len(ratios)} values but layers={self.layers!r} has {len(layers)}")
+            raise ValueError(f"ratio={self.ratio!r} has {len(ratios)} values but layers={self.layers!r} "
+                             f"has {len(layers)}")
         for r in ratios:  # compared as they are: float() of a huge int would overflow
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
                 raise ValueError(f"ratio={self.ratio!r}: every ratio must be a number in (0, 1], got {r!r}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
-from ..ops.pool import pool_grid
+from ..ops.pool import bounding_rectangle, pool_grid
 from ..registry import register_method
 from .common import reduce_per_crop
 
@@ -40,17 +40,6 @@ class PoolConfig(MethodConfig):
     needs = ("vit_hidden",)
 
 
-def _rectangle(local: torch.Tensor, w: int) -> tuple[int, int, int, int]:
-    """(r0, c0, rows, cols) of the rectangle that the raster indices `local` fill exactly."""
-    r, c = local // w, local % w
-    r0, c0 = int(r.min()), int(c.min())
-    rows, cols = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
-    if rows * cols != local.numel():
-        raise ValueError(f"pool needs each crop's tokens to fill a rectangle; got {local.numel()} tokens "
-                         f"in a {rows}x{cols} bounding box")
-    return r0, c0, rows, cols
-
-
 @register_method("pool", PoolConfig)
 class Pool(VisionMethod):
     """Average-pool each crop's token grid to its share of the budget (exact count)."""
@@ -64,7 +53,7 @@ class Pool(VisionMethod):
             local = image.local_index[positions]  # (n,)
             order = local.argsort()
             positions, local = positions[order], local[order]  # raster order inside the crop
-            r0, c0, rows, cols = _rectangle(local, w)
+            r0, c0, rows, cols = bounding_rectangle(local, w=w)
             grid = image.vit_hidden[crop].reshape(h, w, -1)[r0:r0 + rows, c0:c0 + cols]  # (rows, cols, C)
             pooled, g = pool_grid(grid.reshape(rows * cols, -1), h=rows, w=cols, target=k)  # (k, C)
             return positions[:0], pooled, [positions[gi] for gi in g]

@@ -72,7 +72,8 @@ class VisionZip(VisionMethod):
 
     def select(self, image: ImageTokens, n_keep: int, *, generator: torch.Generator | None = None) -> Selection:
         if image.vit_hidden is None or image.vit_keys is None:
-            raise ValueError("visionzip needs the feature layer's hidden states and keys; this adapter did not provide them")
+            raise ValueError("visionzip needs the feature layer's hidden states and keys; "
+                             "this adapter did not provide them")
         feature = image.cls_attn["feature"]  # (n_crops, H, h*w)
 
         def reduce(crop: int, positions: torch.Tensor, k: int):

@@ -39,7 +39,8 @@ def resolve_budget(budget: float | int, n: int) -> int:
     return min(int(budget), n)
 
 
-def largest_remainder(weights: Sequence[float], total: int, caps: Sequence[int]) -> list[int]:
+def largest_remainder(weights: Sequence[float], total: int, caps: Sequence[int], *,
+                      normalize_first: bool = False) -> list[int]:
     """Split `total` into whole shares proportional to `weights`, none above its cap.
 
     Capped proportional apportionment: shares whose ideal value exceeds their cap are fixed at the cap
@@ -52,6 +53,12 @@ def largest_remainder(weights: Sequence[float], total: int, caps: Sequence[int])
         weights: non-negative, one per item.
         total: units to hand out, >= 0.
         caps: capacity of each item, >= 0.
+        normalize_first: compute each ideal share as `remaining * (w_i / sum w)` (weights normalised
+            first) instead of `remaining * w_i / sum w`.  The two are equal in exact arithmetic but round
+            differently in floating point, which decides exact ties (e.g. weights [1.0, 0.2], total 3,
+            caps [5, 2]: ideal 2.5 / 0.5 gives [2, 1] by default, [3, 0] normalised first).  GlobalCom2's
+            exact mode (`ops.globalcom2.crop_keep_counts`) has always used the normalised order; it keeps
+            it so its published numbers stay byte-identical.  Every other caller uses the default.
     """
     k = len(weights)
     if len(caps) != k:
@@ -74,10 +81,15 @@ def largest_remainder(weights: Sequence[float], total: int, caps: Sequence[int])
     while free and remaining > 0:
         wsum = sum(weights[i] for i in free)
         if wsum > 0:
-            prop = {i: remaining * weights[i] / wsum for i in free}
+            share = {i: weights[i] for i in free}
+            denom = wsum
         else:  # only zero-weight items left: split by remaining capacity
-            cap_sum = sum(caps[i] for i in free)
-            prop = {i: remaining * caps[i] / cap_sum for i in free}
+            share = {i: float(caps[i]) for i in free}
+            denom = float(sum(caps[i] for i in free))
+        if normalize_first:
+            prop = {i: remaining * (share[i] / denom) for i in free}
+        else:
+            prop = {i: remaining * share[i] / denom for i in free}
         over = [i for i in free if prop[i] >= caps[i]]
         if not over:
             for i in free:

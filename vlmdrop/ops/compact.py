@@ -41,10 +41,10 @@ def plan_compaction(keep: torch.Tensor) -> Compaction:
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a 2-D bool tensor, got {tuple(keep.shape)} {keep.dtype}")
-    b, l = keep.shape
+    b, length = keep.shape
     kept_per_row = keep.sum(dim=1)  # (B,)
     l_new = int(kept_per_row.max().item()) if b else 0
-    removed = l - kept_per_row  # (B,)
+    removed = length - kept_per_row  # (B,)
     removed_before = torch.cumsum((~keep).long(), dim=1) - (~keep).long()  # (B, L) exclusive count
     # Destination of each kept input column: right-aligned in a row of length l_new.
     dest = (l_new - kept_per_row)[:, None] + torch.cumsum(keep.long(), dim=1) - 1  # (B, L)
@@ -64,6 +64,62 @@ def gather_rows(x: torch.Tensor, plan: Compaction, *, fill: int | float = 0) -> 
     out = torch.gather(x, 1, idx.to(x.device))
     valid = plan.valid.to(x.device).reshape(*plan.valid.shape, *([1] * (x.dim() - 2)))
     return torch.where(valid, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+
+def slot_index(plan: Compaction, length: int) -> torch.Tensor:
+    """(B, L) slot of each of the L input positions in the compacted batch, -1 for removed ones."""
+    b, l_new = plan.src.shape
+    device = plan.src.device
+    where = torch.full((b, length), -1, dtype=torch.long, device=device)  # (B, L)
+    rows = torch.arange(b, device=device)[:, None].expand_as(plan.src)  # (B, L_new)
+    slots = torch.arange(l_new, device=device).expand_as(plan.src)  # (B, L_new)
+    where[rows[plan.valid], plan.src[plan.valid]] = slots[plan.valid]
+    return where
+
+
+@dataclass
+class Recompaction:
+    """A further compaction of an already compacted batch, in the original positions' coordinates.
+
+    Attributes:
+        plan: `plan_compaction(keep)`: `src` (B, L_s) original position held by each slot, `valid`
+            (B, L_s), `removed` (B,) positions removed so far (out of L).
+        where: (B, L) slot of each original position in the new batch, -1 when removed.
+        rows: (B, L_s, D) the rows of the new batch.
+        mask: (B, L_s) bool attention mask of the new batch (False on new left padding).
+    """
+
+    plan: Compaction
+    where: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+
+def recompact(rows: torch.Tensor, keep: torch.Tensor, *, where_prev: torch.Tensor,
+              mask: torch.Tensor) -> Recompaction:
+    """Keep the original positions `keep` of a batch whose rows already skip some positions.
+
+    Args:
+        rows: (B, L_prev, D) the current batch.
+        keep: (B, L) bool over the L original positions, True for those that stay; a subset of the
+            positions still present (`where_prev >= 0`).
+        where_prev: (B, L) slot in `rows` of each original position, -1 if removed earlier
+            (`arange(L)` for a batch not compacted yet).
+        mask: (B, L) bool attention mask of the original positions.
+
+    New left-padding slots copy some row of `rows` (slot `where_prev[b, 0]`, or 0): they are masked out,
+    unlike `gather_rows`, which fills them with zeros.
+    """
+    if keep.shape != where_prev.shape or keep.shape != mask.shape:
+        raise ValueError(f"keep {tuple(keep.shape)}, where_prev {tuple(where_prev.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same (B, L) shape")
+    plan = plan_compaction(keep)
+    where = slot_index(plan, keep.shape[1])  # (B, L)
+    from_prev = where_prev.gather(1, plan.src).clamp(min=0)  # (B, L_s) rows of `rows` to take
+    new_rows = rows.gather(1, from_prev[..., None].expand(-1, -1, rows.shape[-1]))  # (B, L_s, D)
+    new_mask = gather_rows(mask, plan, fill=False)  # (B, L_s)
+    return Recompaction(plan=plan, where=where, rows=new_rows, mask=new_mask)
 
 
 def compact_positions(position_ids: torch.Tensor, plan: Compaction) -> torch.Tensor:

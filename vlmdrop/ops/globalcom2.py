@@ -36,12 +36,13 @@ Official-code details not reproduced here (they belong to the model glue; listed
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .budget import largest_remainder
 
 RETENTION_RATIO = 0.25  # LA L101
 TEMPERATURE = 10.0  # LA L103
@@ -87,7 +88,8 @@ def crop_retention(
         raise ValueError(f"base_ratio must be in [0, 1], got {base_ratio}")
     region = region_of_crop.reshape(-1).long().cpu()  # (h*w,)
     if region.numel() and (region.min() < 0 or region.max() >= n_crops):
-        raise ValueError(f"region_of_crop values must lie in [0, {n_crops}), got [{int(region.min())}, {int(region.max())}]")
+        raise ValueError(f"region_of_crop values must lie in [0, {n_crops}), "
+                         f"got [{int(region.min())}, {int(region.max())}]")
     scores = thumb_cls_attn.reshape(-1).detach().cpu().double()  # (h*w,) float64 like the numpy original
     s = torch.zeros(n_crops, dtype=torch.float64).index_add_(0, region, scores)  # (n_crops,)
     e = torch.exp((s - s.max()) / temperature)  # (n_crops,)
@@ -171,13 +173,15 @@ def official_crop_boxes(
     return (v_r1 - v_r0, v_c1 - v_c0), boxes, local_boxes
 
 
-def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, *, total: int | None = None) -> list[int]:
+def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, *,
+                     total: int | None = None) -> list[int]:
     """Tokens to keep per crop.
 
     total=None: the official rule, k_i = int(n_i * r_i) (floor, LA L251); the sum is not fixed.
     total=T: exact mode, sum k_i == T with 0 <= k_i <= n_i, proportional to n_i * r_i
         (largest remainder, ties to the lower index, capped shares redistributed); this is
-        vlmdrop's own addition (private helper `_largest_remainder`), not the official code.
+        vlmdrop's own addition (`ops.budget.largest_remainder` with `normalize_first=True`, the
+        floating-point order this mode has always used), not the official code.
     """
     ratios = [float(r) for r in ratios]
     if len(ratios) != len(n_tokens):
@@ -189,33 +193,40 @@ def crop_keep_counts(n_tokens: Sequence[int], ratios: Sequence[float] | Tensor, 
         return [int(n * r) for n, r in zip(n_tokens, ratios)]
     if not 0 <= total <= sum(n_tokens):
         raise ValueError(f"total must be in [0, {sum(n_tokens)}], got {total}")
-    return _largest_remainder([n * r for n, r in zip(n_tokens, ratios)], total, list(n_tokens))
+    return largest_remainder([n * r for n, r in zip(n_tokens, ratios)], total, list(n_tokens), normalize_first=True)
 
 
-def _largest_remainder(weights: list[float], total: int, caps: list[int]) -> list[int]:
-    """Integers k_i <= caps_i summing to `total`, proportional to weights (water-filling on caps)."""
-    k = [0] * len(weights)
-    free = [i for i in range(len(weights)) if caps[i] > 0]
-    left = total
-    while left > 0 and free:
-        wsum = sum(weights[i] for i in free)
-        # zero total weight: share by remaining capacity so the total is still met
-        share = {i: (weights[i] / wsum if wsum > 0 else (caps[i] - k[i]) / sum(caps[j] - k[j] for j in free)) for i in free}
-        quota = {i: left * share[i] for i in free}
-        over = [i for i in free if k[i] + quota[i] >= caps[i]]
-        if over:  # saturate, then share what is left among the others
-            for i in over:
-                left -= caps[i] - k[i]
-                k[i] = caps[i]
-            free = [i for i in free if i not in over]
+
+def stitched_crop_boxes(
+    local_indices: Sequence[Tensor], *, crop_hw: tuple[int, int], grid_hw: tuple[int, int]
+) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """Where each sub-image's kept (unpadded) tokens sit in the stitched grid of all sub-images.
+
+    local_indices: one (n_j,) long tensor per sub-image, in raster order over the `grid_hw` =
+        (gh, gw) sub-image grid: the raster indices inside that crop's h x w (`crop_hw`) token grid
+        of the positions it holds (LLaVA-NeXT unpadding removes whole rows or columns, so these fill
+        a rectangle).
+    Returns, for every sub-image j that holds a position: (full_hw, (r0, r1), (c0, c1)) where
+    full_hw = (H, W) is the bounding box of every sub-image position on the stitched
+    (gh*h) x (gw*w) grid, and [r0, r1) x [c0, c1) is sub-image j's box inside it (the arguments
+    `crop_token_scores` takes).  Empty when no sub-image holds a position.
+    """
+    h, w = crop_hw
+    gh, gw = grid_hw
+    if gh * gw != len(local_indices):
+        raise ValueError(f"grid {gh}x{gw} does not hold the {len(local_indices)} sub-images")
+    spans = {}
+    for j, local in enumerate(local_indices):
+        if local.numel() == 0:
             continue
-        base = {i: math.floor(quota[i]) for i in free}
-        rest = left - sum(base.values())
-        order = sorted(free, key=lambda i: (-(quota[i] - base[i]), i))
-        for i in free:
-            k[i] += base[i]
-        for i in order[:rest]:
-            k[i] += 1
-        left = 0
-    assert sum(k) == total and all(0 <= a <= c for a, c in zip(k, caps)), (k, total, caps)
-    return k
+        r = (j // gw) * h + local // w  # (n_j,) stitched-grid rows
+        q = (j % gw) * w + local % w  # (n_j,) stitched-grid cols
+        spans[j] = (int(r.min()), int(r.max()) + 1, int(q.min()), int(q.max()) + 1)
+    if not spans:  # unpadding left no sub-image position (extreme aspect ratio): nothing to score
+        return {}
+    top = min(s[0] for s in spans.values())
+    bottom = max(s[1] for s in spans.values())
+    left = min(s[2] for s in spans.values())
+    right = max(s[3] for s in spans.values())
+    full = (bottom - top, right - left)
+    return {j: (full, (r0 - top, r1 - top), (c0 - left, c1 - left)) for j, (r0, r1, c0, c1) in spans.items()}

@@ -27,7 +27,8 @@ def region_scores(base_attn: torch.Tensor, base_region: torch.Tensor, n_sub: int
     if base_attn.shape != base_region.shape:
         raise ValueError(f"base_attn {tuple(base_attn.shape)} and base_region {tuple(base_region.shape)} differ")
     if n_sub < 1 or int(base_region.max()) >= n_sub or int(base_region.min()) < 0:
-        raise ValueError(f"base_region values must lie in [0, {n_sub}), got [{int(base_region.min())}, {int(base_region.max())}]")
+        raise ValueError(f"base_region values must lie in [0, {n_sub}), "
+                         f"got [{int(base_region.min())}, {int(base_region.max())}]")
     s = torch.zeros(n_sub, dtype=torch.float64)
     return s.index_add_(0, base_region.cpu(), base_attn.detach().double().cpu())  # (n_sub,)
 

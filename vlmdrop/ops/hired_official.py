@@ -125,7 +125,8 @@ def official_select(feature_layer_cls_attn: Tensor, budgets: list[int]) -> list[
     the packing step (MLN L782-862), described in the module docstring.
     """
     if feature_layer_cls_attn.dim() != 2:
-        raise ValueError(f"feature_layer_cls_attn must be (n_crops, N), got shape {tuple(feature_layer_cls_attn.shape)}")
+        raise ValueError(f"feature_layer_cls_attn must be (n_crops, N), "
+                         f"got shape {tuple(feature_layer_cls_attn.shape)}")
     n_crops, n = feature_layer_cls_attn.shape
     if len(budgets) != n_crops:
         raise ValueError(f"got {len(budgets)} budgets for {n_crops} crops")

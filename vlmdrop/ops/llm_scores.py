@@ -42,9 +42,11 @@ def last_token_attention(q_proj_out: torch.Tensor, k_proj_out: torch.Tensor, *, 
         raise ValueError(f"query width {qd} / num_heads={num_heads} / num_kv_heads={num_kv_heads} do not divide")
     d = qd // num_heads
     if k_proj_out.shape != (b, n, num_kv_heads * d):
-        raise ValueError(f"k_proj output {tuple(k_proj_out.shape)} does not match (B, N, Hkv*D) = {(b, n, num_kv_heads * d)}")
+        raise ValueError(f"k_proj output {tuple(k_proj_out.shape)} does not match "
+                         f"(B, N, Hkv*D) = {(b, n, num_kv_heads * d)}")
     if key_mask.shape != (b, n) or query_index.shape != (b,):
-        raise ValueError(f"key_mask {tuple(key_mask.shape)} / query_index {tuple(query_index.shape)} must be {(b, n)} / {(b,)}")
+        raise ValueError(f"key_mask {tuple(key_mask.shape)} / query_index {tuple(query_index.shape)} "
+                         f"must be {(b, n)} / {(b,)}")
     rows = torch.arange(b, device=q_proj_out.device)
     qi = query_index.to(q_proj_out.device)
     q_rows = q_proj_out if q_proj_out.dim() == 2 else q_proj_out[rows, qi]  # (B, H*D)

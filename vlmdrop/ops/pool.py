@@ -69,3 +69,17 @@ def pool_grid(tokens: Tensor, *, h: int, w: int, target: int) -> tuple[Tensor, l
     weights = weights.to(tokens.device)
     pooled = weights @ tokens.to(acc)  # (target, C)
     return pooled.to(tokens.dtype), groups
+
+
+def bounding_rectangle(local: Tensor, *, w: int) -> tuple[int, int, int, int]:
+    """(r0, c0, rows, cols) of the rectangle that the raster indices `local` (n,) of a w-wide grid fill
+    exactly; ValueError if they do not fill their bounding box."""
+    if local.numel() == 0:
+        raise ValueError("pool needs at least one token to find its rectangle, got none")
+    r, c = local // w, local % w  # (n,), (n,)
+    r0, c0 = int(r.min()), int(c.min())
+    rows, cols = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
+    if rows * cols != local.numel():
+        raise ValueError(f"pool needs each crop's tokens to fill a rectangle; got {local.numel()} tokens "
+                         f"in a {rows}x{cols} bounding box")
+    return r0, c0, rows, cols
