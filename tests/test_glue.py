@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from conftest import batch
-from vlmdrop.adapters import HFVlmAdapter, ImageInput
 
 import vlmdrop
+from vlmdrop.adapters import HFVlmAdapter, ImageInput
 from vlmdrop.interface import ImageTokens
 from vlmdrop.methods.random import Random
 from vlmdrop.stats import DropStats

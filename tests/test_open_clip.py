@@ -12,9 +12,9 @@ open_clip = pytest.importorskip("open_clip")
 from conftest import OPEN_CLIP_LAYERS as N_LAYERS  # noqa: E402
 from conftest import get_model
 from references import manual_tower, mha_cls_row_and_keys  # noqa: E402
-from vlmdrop.adapters.open_clip import kept_tokens  # noqa: E402
 
 import vlmdrop  # noqa: E402
+from vlmdrop.adapters.open_clip import kept_tokens  # noqa: E402
 from vlmdrop.ops.budget import resolve_budget  # noqa: E402
 from vlmdrop.ops.visionzip import split_budget, visionzip_select  # noqa: E402
 
