@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs of each model after one warm-up each, full and reduced interleaved; "
                         "the medians are printed (default 3)")
     r.set_defaults(func=cmd_run)
+    from vlmdrop.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     try:
         from vlmdrop.eval import cli as eval_cli
     except ImportError:

@@ -1,0 +1,444 @@
+"""`vlmdrop bench`: prefill and decode time, ideal time and peak memory of every method at real token counts.
+
+Each *shape* is a width-reduced random-weight model from :mod:`vlmdrop.testing` fed an image that gives the
+real model's visual token count (LLaVA-1.5 336 px: 576; LLaVA-NeXT 2x2 AnyRes: 2,928; InternVL 6 tiles +
+thumbnail: 1,792).  Per shape, every configuration (the full model, then each method x budget) is timed in
+the same round, rounds repeated and medians reported, so that a drift of the machine hits all alike.
+
+* ``prefill_s``: wall time of one prefill forward (``model(**inputs, use_cache=True, logits_to_keep=1)``).
+* ``ideal_s``: measured, not modelled: the unmodified model's vision tower time on the same image (a forward
+  hook in the full model's run of the same round) plus its language model run directly on ``inputs_embeds``
+  of the kept length ``L' = L - n_before + n_kept`` rows.
+* ``speedup = prefill_s_full / prefill_s``; ``fraction_of_ideal = ideal_s / prefill_s``;
+  ``overhead_pct = 100 * (prefill_s - ideal_s) / prefill_s`` (scoring, selection, compaction, plus the
+  projector and embedding lookup that the ideal leaves out).
+* ``decode_tps``: new tokens per second after the first token of a greedy ``generate``.
+* ``peak_mem_mb``: CUDA ``max_memory_allocated`` reset per configuration; on CPU the peak RSS of a fresh
+  subprocess per configuration (``--memory``; off by default since each subprocess builds its model).
+* ``score_pct_of_vision``: not measured yet (``null``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FIELDS", "SHAPES", "Record", "add_parser", "run_bench"]
+
+BUDGETS = (0.1, 0.2, 0.4)
+
+#: The fields of every JSON record, in order.
+FIELDS = ("shape", "method", "budget", "n_before", "n_kept", "prefill_s_full", "prefill_s", "ideal_s", "speedup",
+          "fraction_of_ideal", "overhead_pct", "score_pct_of_vision", "peak_mem_mb_full", "peak_mem_mb",
+          "decode_tps_full", "decode_tps")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A width-reduced model at a real visual token count: its `vlmdrop.testing` builder and image size."""
+
+    name: str
+    builder: str
+    kwargs: dict[str, Any]
+    image_wh: tuple[int, int]
+    note: str
+
+
+SHAPES: dict[str, Shape] = {
+    "llava15": Shape("llava15", "tiny_llava", dict(image_size=336, patch_size=14, vision_layers=4, text_layers=8),
+                     (336, 336), "LLaVA-1.5 336 px, 24x24 = 576 tokens"),
+    "llava_next": Shape("llava_next", "tiny_llava_next",
+                        dict(image_size=336, patch_size=14, vision_layers=4, text_layers=8),
+                        (672, 672), "LLaVA-NeXT AnyRes 2x2: 576 base + 48x(48+1) = 2,928 tokens"),
+    "internvl": Shape("internvl", "tiny_internvl",
+                      dict(tile_size=448, patch_size=14, vision_layers=4, text_layers=8, max_patches=6),
+                      (1344, 896), "InternVL 6 tiles (3x2) + thumbnail, 7 x 256 = 1,792 tokens"),
+    # test-only: a few tokens, so that the smoke test runs in seconds
+    "tiny": Shape("tiny", "tiny_llava", dict(image_size=56, patch_size=14, vision_layers=2, text_layers=4),
+                  (56, 56), "test-only LLaVA, 16 tokens"),
+}
+
+
+@dataclass
+class Record:
+    """One shape x method x budget; None where not measured."""
+
+    shape: str
+    method: str
+    budget: float
+    n_before: int
+    n_kept: int
+    prefill_s_full: float
+    prefill_s: float
+    ideal_s: float
+    speedup: float
+    fraction_of_ideal: float
+    overhead_pct: float
+    score_pct_of_vision: float | None = None
+    peak_mem_mb_full: float | None = None
+    peak_mem_mb: float | None = None
+    decode_tps_full: float | None = None
+    decode_tps: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ======================================================================================
+# building a shape
+# ======================================================================================
+def build(shape: Shape, *, device: str, dtype: str) -> tuple[Any, dict[str, Any]]:
+    """``(model, inputs)`` of `shape` on `device` in `dtype`: one image and a short question."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmdrop import testing
+
+    model, processor = getattr(testing, shape.builder)(**shape.kwargs)
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    w, h = shape.image_wh
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    token = "<image>" if shape.builder != "tiny_internvl" else "<IMG_CONTEXT>"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in this image ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert token in prompt, f"chat template of {shape.name} wrote no {token!r}: {prompt!r}"
+    inputs = dict(processor(images=image, text=prompt, return_tensors="pt"))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
+    return model, inputs
+
+
+class _Clock:
+    """Forward pre/post hooks stamping a module's time of the last call (synchronised on CUDA)."""
+
+    def __init__(self, module: torch.nn.Module, sync: Callable[[], None]) -> None:
+        self.sync, self.t0, self.seconds = sync, 0.0, 0.0
+        self.handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, *_: Any) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self.sync()
+        self.seconds = time.perf_counter() - self.t0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _sync_fn(device: str) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+
+
+def _apply(model: Any, method: str, budget: float) -> Any:
+    import vlmdrop
+    from vlmdrop.eval.params import method_params, num_text_layers
+
+    return vlmdrop.apply(model, method, **method_params(method, budget, seed=0, num_layers=num_text_layers(model)))
+
+
+def _prefill(model: Any, inputs: dict[str, Any], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+    sync()
+    return time.perf_counter() - t0
+
+
+def _ideal_lm(model: Any, length: int, sync: Callable[[], None]) -> float:
+    """Time of the unmodified language model run directly on `length` rows of ``inputs_embeds``."""
+    lm = model.model.language_model
+    hidden = model.config.get_text_config().hidden_size
+    p = next(lm.parameters())
+    embeds = torch.randn(1, length, hidden, device=p.device, dtype=p.dtype)  # (1, L', D)
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        lm(inputs_embeds=embeds, use_cache=True)
+    sync()
+    return time.perf_counter() - t0
+
+
+class _FirstToken:
+    """LogitsProcessor stamping when the first step's logits arrive."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync, self.first = sync, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            self.sync()
+            self.first = time.perf_counter()
+        return scores
+
+
+def _decode_tps(model: Any, inputs: dict[str, Any], sync: Callable[[], None], *, new_tokens: int) -> float:
+    """New tokens per second after the first token (greedy, exactly `new_tokens` tokens)."""
+    from transformers import LogitsProcessorList
+
+    clock = _FirstToken(sync)
+    sync()
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+    sync()
+    end = time.perf_counter()
+    return (new_tokens - 1) / (end - clock.first)
+
+
+def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype: str) -> float:
+    """Peak RSS (MB) of a fresh subprocess that builds `shape` and runs one prefill of the configuration."""
+    cmd = [sys.executable, "-m", "vlmdrop.bench", "--worker", shape, method or "-", str(budget or 0), dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory worker {cmd} failed: {out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _worker(shape: str, method: str, budget: str, dtype: str) -> None:
+    import resource
+
+    model, inputs = build(SHAPES[shape], device="cpu", dtype=dtype)
+    if method != "-":
+        _apply(model, method, float(budget))
+    _prefill(model, inputs, lambda: None)
+    # ru_maxrss is KiB on Linux
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+# ======================================================================================
+# the benchmark
+# ======================================================================================
+def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, repeat: int = 5,
+              device: str = "cpu", dtype: str = "float32", decode_tokens: int = 16, decode_repeat: int = 3,
+              memory: bool = False) -> list[Record]:
+    """Every shape x method x budget, interleaved with the full model per round; medians of `repeat` rounds."""
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat} must be >= 1")
+    sync = _sync_fn(device)
+    cuda = device.startswith("cuda")
+    records: list[Record] = []
+    for sname in shapes:
+        if sname not in SHAPES:
+            raise ValueError(f"shape {sname!r} is not one of {', '.join(SHAPES)}")
+        model, inputs = build(SHAPES[sname], device=device, dtype=dtype)
+        seq_len = int(inputs["input_ids"].shape[1])
+        vis = _Clock(model.model.vision_tower, sync)
+        configs: list[tuple[str, float] | None] = [None]
+        kept: dict[tuple[str, float], tuple[int, int]] = {}
+        for m in methods:  # one warm-up each; a method that does not support the model is skipped
+            for b in budgets:
+                try:
+                    h = _apply(model, m, b)
+                except (ValueError, NotImplementedError) as e:
+                    log.warning("bench %s: %s at budget %s skipped: %s", sname, m, b, e)
+                    break
+                try:
+                    _prefill(model, inputs, sync)
+                    kept[(m, b)] = (h.stats.n_before, h.stats.n_kept)
+                finally:
+                    h.remove()
+                configs.append((m, b))
+        _prefill(model, inputs, sync)  # warm-up of the full model
+        for (m, b), (_, nk) in kept.items():
+            _ideal_lm(model, seq_len - kept[(m, b)][0] + nk, sync)
+
+        times: dict[Any, list[float]] = {c: [] for c in configs}
+        ideal: dict[Any, list[float]] = {c: [] for c in configs[1:]}
+        for r in range(repeat):
+            order = configs if r % 2 == 0 else configs[::-1]
+            vision_full = None
+            round_t: dict[Any, float] = {}
+            for c in order:
+                if c is None:
+                    round_t[c] = _prefill(model, inputs, sync)
+                    vision_full = vis.seconds
+                else:
+                    h = _apply(model, *c)
+                    try:
+                        round_t[c] = _prefill(model, inputs, sync)
+                    finally:
+                        h.remove()
+            lm_t = {c: _ideal_lm(model, seq_len - kept[c][0] + kept[c][1], sync) for c in configs[1:]}
+            for c in configs:
+                times[c].append(round_t[c])
+                if c is not None:
+                    ideal[c].append(vision_full + lm_t[c])
+
+        decode: dict[Any, float | None] = {c: None for c in configs}
+        peak: dict[Any, float | None] = {c: None for c in configs}
+        if decode_tokens > 1 and decode_repeat > 0:
+            runs: dict[Any, list[float]] = {c: [] for c in configs}
+            for r in range(decode_repeat + 1):  # round 0 is the warm-up
+                for c in configs:
+                    h = _apply(model, *c) if c is not None else None
+                    try:
+                        tps = _decode_tps(model, inputs, sync, new_tokens=decode_tokens)
+                    finally:
+                        if h is not None:
+                            h.remove()
+                    if r > 0:
+                        runs[c].append(tps)
+            decode = {c: statistics.median(v) for c, v in runs.items()}
+        if cuda:
+            for c in configs:
+                h = _apply(model, *c) if c is not None else None
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    _prefill(model, inputs, sync)
+                    peak[c] = torch.cuda.max_memory_allocated() / 2**20
+                finally:
+                    if h is not None:
+                        h.remove()
+        elif memory:
+            for c in configs:
+                peak[c] = _peak_mem_cpu(sname, *(c or (None, None)), dtype=dtype)
+        vis.remove()
+
+        full = statistics.median(times[None])
+        for c in configs[1:]:
+            t = statistics.median(times[c])
+            i = statistics.median(ideal[c])
+            nb, nk = kept[c]
+            records.append(Record(
+                shape=sname, method=c[0], budget=c[1], n_before=nb, n_kept=nk, prefill_s_full=full, prefill_s=t,
+                ideal_s=i, speedup=full / t, fraction_of_ideal=i / t, overhead_pct=100.0 * (t - i) / t,
+                peak_mem_mb_full=peak[None], peak_mem_mb=peak[c], decode_tps_full=decode[None],
+                decode_tps=decode[c], extra={"seq_len": seq_len},
+            ))
+        del model
+    return records
+
+
+# ======================================================================================
+# output
+# ======================================================================================
+def to_json(records: list[Record]) -> str:
+    return json.dumps([{k: asdict(r)[k] for k in FIELDS} for r in records], indent=1)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def to_markdown(records: list[Record]) -> str:
+    head = ("| shape | method | budget | kept / before | prefill full (ms) | prefill (ms) | ideal (ms) | speedup "
+            "| of ideal | overhead % | score % of vision | peak MB full | peak MB | decode tok/s full | decode tok/s |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in records:
+        lines.append(
+            f"| {r.shape} | {r.method} | {r.budget:g} | {r.n_kept} / {r.n_before} | {r.prefill_s_full * 1e3:.1f} "
+            f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
+            f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.1f')} | {_fmt(r.peak_mem_mb_full, '.0f')} "
+            f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
+    return "\n".join(lines)
+
+
+def save_png(records: list[Record], path: str) -> bool:
+    """Speedup vs budget per shape and method, with the ideal (full / ideal) dashed; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no PNG written to %s", path)
+        return False
+    shapes = list(dict.fromkeys(r.shape for r in records))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        rs = [r for r in records if r.shape == s]
+        for m in dict.fromkeys(r.method for r in rs):
+            pts = sorted((r.budget, r.speedup, r.prefill_s_full / r.ideal_s) for r in rs if r.method == m)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), alpha=0.5)
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set(title=f"{s} (dashed: ideal)", xlabel="budget", ylabel="speedup (full / method)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ======================================================================================
+# the command
+# ======================================================================================
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    import vlmdrop
+
+    p = sub.add_parser("bench", help="time every method against the full model and the ideal",
+                       description="Prefill / ideal / decode time and peak memory of methods x budgets on "
+                                   "width-reduced models at real visual token counts; medians of interleaved "
+                                   "rounds. Markdown by default.")
+    p.add_argument("--shapes", default="llava15,llava_next,internvl",
+                   help=f"comma-separated, of {', '.join(SHAPES)} (tiny: test-only); default the three real ones")
+    p.add_argument("--methods", default=",".join(vlmdrop.methods()))
+    p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 5, --quick 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 rounds, hired/fastv/visionzip only, 8 decode tokens, 1 decode round")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--memory", action="store_true", help="CPU: peak RSS of a fresh subprocess per configuration")
+    p.add_argument("--json", action="store_true", help="print one JSON record per shape x method x budget")
+    p.add_argument("--png", default=None, help="write a PNG of speedup vs budget (ideal dashed) here")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import vlmdrop
+
+    def usage(msg: str) -> int:
+        print(f"vlmdrop bench: error: {msg}", file=sys.stderr)
+        return 2
+
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad or not shapes:
+        return usage(f"--shapes {args.shapes!r}: {bad} not among {', '.join(SHAPES)}")
+    methods_given = args.methods != ",".join(vlmdrop.methods())
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.quick and not methods_given:
+        methods = ["hired", "fastv", "visionzip"]
+    bad = [m for m in methods if m not in vlmdrop.methods()]
+    if bad or not methods:
+        return usage(f"--methods {args.methods!r}: {bad} not among {', '.join(vlmdrop.methods())}")
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        return usage(f"--budgets {args.budgets!r} is not a comma-separated list of numbers")
+    if not all(0.0 < b <= 1.0 for b in budgets):
+        return usage(f"--budgets {args.budgets!r}: every budget must be a fraction in (0, 1]")
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
+    if repeat < 1:
+        return usage(f"--repeat {repeat} must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return usage(f"--device {args.device!r}: CUDA is not available")
+    records = run_bench(shapes, methods, budgets, repeat=repeat, device=args.device, dtype=args.dtype,
+                        decode_tokens=8 if args.quick else 32, decode_repeat=1 if args.quick else 3,
+                        memory=args.memory)
+    print(to_json(records) if args.json else to_markdown(records))
+    if args.png:
+        save_png(records, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        _worker(*sys.argv[2:])
