@@ -238,6 +238,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
         model, inputs = build(SHAPES[sname], device=device, dtype=dtype)
         seq_len = int(inputs["input_ids"].shape[1])
         vis = _Clock(model.model.vision_tower, sync)
+        lmc = _Clock(model.model.language_model, sync)
         configs: list[tuple[str, float] | None] = [None]
         kept: dict[tuple[str, float], tuple[int, int]] = {}
         for m in methods:  # one warm-up each; a method that does not support the model is skipped
@@ -258,6 +259,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             _ideal_lm(model, seq_len - kept[(m, b)][0] + nk, sync)
 
         times: dict[Any, list[float]] = {c: [] for c in configs}
+        parts: dict[Any, list[tuple[float, float]]] = {c: [] for c in configs}  # (vision_s, lm_s) per round
         ideal: dict[Any, list[float]] = {c: [] for c in configs[1:]}
         for r in range(repeat):
             order = configs if r % 2 == 0 else configs[::-1]
@@ -267,10 +269,12 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
                 if c is None:
                     round_t[c] = _prefill(model, inputs, sync)
                     vision_full = vis.seconds
+                    parts[c].append((vis.seconds, lmc.seconds))
                 else:
                     h = _apply(model, *c)
                     try:
                         round_t[c] = _prefill(model, inputs, sync)
+                        parts[c].append((vis.seconds, lmc.seconds))
                     finally:
                         h.remove()
             lm_t = {c: _ideal_lm(model, seq_len - kept[c][0] + kept[c][1], sync) for c in configs[1:]}
@@ -308,6 +312,10 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             for c in configs:
                 peak[c] = _peak_mem_cpu(sname, *(c or (None, None)), dtype=dtype)
         vis.remove()
+        lmc.remove()
+
+        def med(c: Any, k: int) -> float:
+            return statistics.median(p[k] for p in parts[c])
 
         full = statistics.median(times[None])
         for c in configs[1:]:
@@ -318,7 +326,9 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
                 shape=sname, method=c[0], budget=c[1], n_before=nb, n_kept=nk, prefill_s_full=full, prefill_s=t,
                 ideal_s=i, speedup=full / t, fraction_of_ideal=i / t, overhead_pct=100.0 * (t - i) / t,
                 peak_mem_mb_full=peak[None], peak_mem_mb=peak[c], decode_tps_full=decode[None],
-                decode_tps=decode[c], extra={"seq_len": seq_len},
+                decode_tps=decode[c],
+                extra={"seq_len": seq_len, "vision_s_full": med(None, 0), "lm_s_full": med(None, 1),
+                       "vision_s": med(c, 0), "lm_s": med(c, 1)},
             ))
         del model
     return records
@@ -328,7 +338,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
 # output
 # ======================================================================================
 def to_json(records: list[Record]) -> str:
-    return json.dumps([{k: asdict(r)[k] for k in FIELDS} for r in records], indent=1)
+    return json.dumps([{**{k: asdict(r)[k] for k in FIELDS}, **r.extra} for r in records], indent=1)
 
 
 def _fmt(v: Any, spec: str) -> str:

@@ -1,0 +1,74 @@
+"""`vlmdrop bench`: the records it prints carry the fields of issue 13, with consistent values."""
+
+import json
+import math
+
+import pytest
+
+from vlmdrop.bench import FIELDS, SHAPES, build
+from vlmdrop.cli import main
+
+MEASURED = ("prefill_s_full", "prefill_s", "ideal_s", "speedup", "fraction_of_ideal", "decode_tps_full",
+            "decode_tps")
+
+
+def _bench(capsys, *argv: str) -> list[dict]:
+    assert main(["bench", "--quick", "--json", "--shapes", "tiny", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_quick_json_records(capsys):
+    recs = _bench(capsys, "--methods", "hired,fastv", "--budgets", "0.2,0.4", "--repeat", "2")
+    assert [(r["method"], r["budget"]) for r in recs] == [("hired", 0.2), ("hired", 0.4), ("fastv", 0.2),
+                                                          ("fastv", 0.4)]
+    for r in recs:
+        assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+        assert r["shape"] == "tiny" and r["n_before"] == 16
+        assert r["n_kept"] == round(r["budget"] * 16), r
+        for k in MEASURED:
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r[k])
+        assert r["speedup"] == pytest.approx(r["prefill_s_full"] / r["prefill_s"])
+        assert r["fraction_of_ideal"] == pytest.approx(r["ideal_s"] / r["prefill_s"])
+        assert r["overhead_pct"] == pytest.approx(100 * (r["prefill_s"] - r["ideal_s"]) / r["prefill_s"])
+        assert r["lm_s_full"] > 0 and r["vision_s_full"] > 0 and r["vision_s"] > 0 and r["lm_s"] > 0
+        # not measured: null, never a number (CPU without --memory: no peak memory)
+        assert r["score_pct_of_vision"] is None
+        assert r["peak_mem_mb"] is None and r["peak_mem_mb_full"] is None
+    # every configuration is compared with the same full-model median
+    assert len({r["prefill_s_full"] for r in recs}) == 1
+
+
+def test_bench_markdown_dashes_for_unmeasured(capsys):
+    assert main(["bench", "--quick", "--shapes", "tiny", "--methods", "visionzip", "--budgets", "0.25",
+                 "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| shape | method | budget |") and len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["tiny", "visionzip", "0.25", "4 / 16"]
+    assert cells[10:13] == ["-", "-", "-"]  # score % of vision, peak MB full, peak MB
+
+
+def test_bench_cpu_memory_fresh_subprocess(capsys):
+    (r,) = _bench(capsys, "--methods", "random", "--budgets", "0.5", "--repeat", "1", "--memory")
+    assert r["peak_mem_mb_full"] > 50 and r["peak_mem_mb"] > 50  # peak RSS of a process that imported torch
+
+
+def test_bench_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedup.png"
+    _bench(capsys, "--methods", "pool", "--budgets", "0.25,0.5", "--repeat", "1", "--png", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name, tokens", [("llava15", 576), ("llava_next", 2928), ("internvl", 1792)])
+def test_real_shapes_have_real_token_counts(name, tokens):
+    model, inputs = build(SHAPES[name], device="cpu", dtype="float32")
+    image_token = model.config.image_token_id
+    assert int((inputs["input_ids"] == image_token).sum()) == tokens
+
+
+@pytest.mark.parametrize("argv, msg", [(["--shapes", "llava2"], "--shapes"), (["--methods", "fastvv"], "--methods"),
+                                       (["--budgets", "0"], "--budgets"), (["--repeat", "0"], "--repeat")])
+def test_bench_usage_errors(capsys, argv, msg):
+    assert main(["bench", "--shapes", "tiny", *argv]) == 2
+    assert f"vlmdrop bench: error: {msg}" in capsys.readouterr().err
