@@ -31,8 +31,10 @@ def test_bench_quick_json_records(capsys):
         assert r["fraction_of_ideal"] == pytest.approx(r["ideal_s"] / r["prefill_s"])
         assert r["overhead_pct"] == pytest.approx(100 * (r["prefill_s"] - r["ideal_s"]) / r["prefill_s"])
         assert r["lm_s_full"] > 0 and r["vision_s_full"] > 0 and r["vision_s"] > 0 and r["lm_s"] > 0
-        # not measured: null, never a number (CPU without --memory: no peak memory)
-        assert r["score_pct_of_vision"] is None
+        # HiRED scores in the vision stage; FastV has no vision-stage score (null, never a number)
+        assert (r["score_pct_of_vision"] is None) == (r["method"] == "fastv"), r
+        assert r["ref_official_qk_pct_of_vision"] > 0 and r["ref_eager_layer_pct_of_vision"] > 0
+        # not measured: CPU without --memory has no peak memory
         assert r["peak_mem_mb"] is None and r["peak_mem_mb_full"] is None
     # every configuration is compared with the same full-model median
     assert len({r["prefill_s_full"] for r in recs}) == 1
@@ -42,10 +44,12 @@ def test_bench_markdown_dashes_for_unmeasured(capsys):
     assert main(["bench", "--quick", "--shapes", "tiny", "--methods", "visionzip", "--budgets", "0.25",
                  "--repeat", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("| shape | method | budget |") and len(lines) == 3
+    assert lines[0].startswith("| shape | method | budget |") and len(lines) == 5
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:4] == ["tiny", "visionzip", "0.25", "4 / 16"]
-    assert cells[10:13] == ["-", "-", "-"]  # score % of vision, peak MB full, peak MB
+    float(cells[10])  # score % of vision: measured
+    assert cells[11:13] == ["-", "-"]  # peak MB full, peak MB: not measured without --memory on CPU
+    assert lines[4].startswith("tiny: 16 visual tokens") and "HiRED official" in lines[4]
 
 
 def test_bench_cpu_memory_fresh_subprocess(capsys):

@@ -15,7 +15,11 @@ the same round, rounds repeated and medians reported, so that a drift of the mac
 * ``decode_tps``: new tokens per second after the first token of a greedy ``generate``.
 * ``peak_mem_mb``: CUDA ``max_memory_allocated`` reset per configuration; on CPU the peak RSS of a fresh
   subprocess per configuration (``--memory``; off by default since each subprocess builds its model).
-* ``score_pct_of_vision``: not measured yet (``null``).
+* ``score_pct_of_vision`` (vision-stage methods; ``null`` for LLM-stage ones): the vision tower's extra time
+  under the method (its capture and scoring hooks), % of the full model's vision tower time; beside it, per
+  shape, two reference ways of getting the scores (``ref_official_qk_pct_of_vision``: the N x N attention
+  recomputed from hooked q/k, HiRED's official code; ``ref_eager_layer_pct_of_vision``: a decoder layer re-run
+  under eager attention, other toolkits' FastV).
 """
 
 from __future__ import annotations
@@ -150,6 +154,12 @@ def _apply(model: Any, method: str, budget: float) -> Any:
     return vlmdrop.apply(model, method, **method_params(method, budget, seed=0, num_layers=num_text_layers(model)))
 
 
+def _stage(method: str) -> str:
+    from vlmdrop.registry import get_method
+
+    return get_method(method).config.stage
+
+
 def _prefill(model: Any, inputs: dict[str, Any], sync: Callable[[], None]) -> float:
     sync()
     t0 = time.perf_counter()
@@ -198,6 +208,70 @@ def _decode_tps(model: Any, inputs: dict[str, Any], sync: Callable[[], None], *,
     sync()
     end = time.perf_counter()
     return (new_tokens - 1) / (end - clock.first)
+
+
+def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], None], *,
+                      repeat: int) -> tuple[float, float]:
+    """Median seconds of two reference ways of getting attention scores that exist only in this benchmark:
+    the full N x N attention of the feature layer recomputed from its hooked q/k (HiRED's official code: CLS
+    attention averaged over heads), and an LM decoder layer re-run under eager attention (which returns the
+    attention weights; other toolkits' FastV)."""
+    vt, lm = model.model.vision_tower, model.model.language_model
+    vcfg = model.config.vision_config
+    n_layers = vcfg.num_hidden_layers
+    vfl = model.config.vision_feature_layer
+    li = (n_layers + vfl) if vfl < 0 else vfl - 1  # hidden_states[i] is the output of layer i - 1
+    mods = dict(vt.named_modules())
+    names = sorted(n for n in mods if n.endswith(("q_proj", "k_proj")))
+    qk: dict[str, torch.Tensor] = {}
+    picked = {kind: [n for n in names if n.endswith(kind)][li] for kind in ("q_proj", "k_proj")}
+    hooks = [mods[n].register_forward_hook(lambda m, a, o, kind=kind: qk.__setitem__(kind, o))
+             for kind, n in picked.items()]
+    layer = lm.layers[min(2, len(lm.layers) - 1)]
+    captured: dict[str, Any] = {}
+    hooks.append(layer.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(args=a, kwargs=kw), with_kwargs=True))
+    try:
+        _prefill(model, inputs, sync)
+    finally:
+        for h in hooks:
+            h.remove()
+    q, k = qk["q_proj"], qk["k_proj"]  # (B, N, D) each
+    heads = vcfg.num_attention_heads
+
+    def official() -> float:
+        sync()
+        t0 = time.perf_counter()
+        b, n, d = q.shape
+        qh = q.view(b, n, heads, d // heads).transpose(1, 2)  # (B, H, N, d)
+        kh = k.view(b, n, heads, d // heads).transpose(1, 2)
+        attn = torch.softmax(qh @ kh.transpose(-1, -2) * (d // heads) ** -0.5, dim=-1)  # (B, H, N, N)
+        attn[:, :, 0, 1:].mean(1)  # (B, N - 1) CLS attention
+        sync()
+        return time.perf_counter() - t0
+
+    orig = lm.config._attn_implementation
+
+    def eager_layer() -> float:
+        sync()
+        t0 = time.perf_counter()
+        layer(*captured["args"], **captured["kwargs"])
+        sync()
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        official()
+        t_off = statistics.median(official() for _ in range(repeat))
+        model.set_attn_implementation("eager")
+        try:
+            kwargs = dict(captured["kwargs"])
+            kwargs.pop("past_key_values", None)  # a re-run must not append to the prefill's cache
+            captured["kwargs"] = kwargs
+            eager_layer()
+            t_eager = statistics.median(eager_layer() for _ in range(repeat))
+        finally:
+            model.set_attn_implementation(orig)
+    return t_off, t_eager
 
 
 def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype: str) -> float:
@@ -313,11 +387,13 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
                 peak[c] = _peak_mem_cpu(sname, *(c or (None, None)), dtype=dtype)
         vis.remove()
         lmc.remove()
+        ref_official, ref_eager = _reference_scores(model, inputs, sync, repeat=repeat)
 
         def med(c: Any, k: int) -> float:
             return statistics.median(p[k] for p in parts[c])
 
         full = statistics.median(times[None])
+        vision_full = med(None, 0)
         for c in configs[1:]:
             t = statistics.median(times[c])
             i = statistics.median(ideal[c])
@@ -325,10 +401,14 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             records.append(Record(
                 shape=sname, method=c[0], budget=c[1], n_before=nb, n_kept=nk, prefill_s_full=full, prefill_s=t,
                 ideal_s=i, speedup=full / t, fraction_of_ideal=i / t, overhead_pct=100.0 * (t - i) / t,
+                score_pct_of_vision=(100.0 * (med(c, 0) - vision_full) / vision_full
+                                     if _stage(c[0]) == "vision" else None),
                 peak_mem_mb_full=peak[None], peak_mem_mb=peak[c], decode_tps_full=decode[None],
                 decode_tps=decode[c],
                 extra={"seq_len": seq_len, "vision_s_full": med(None, 0), "lm_s_full": med(None, 1),
-                       "vision_s": med(c, 0), "lm_s": med(c, 1)},
+                       "vision_s": med(c, 0), "lm_s": med(c, 1),
+                       "ref_official_qk_pct_of_vision": 100.0 * ref_official / vision_full,
+                       "ref_eager_layer_pct_of_vision": 100.0 * ref_eager / vision_full},
             ))
         del model
     return records
@@ -355,6 +435,13 @@ def to_markdown(records: list[Record]) -> str:
             f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
             f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.1f')} | {_fmt(r.peak_mem_mb_full, '.0f')} "
             f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
+    for shape in dict.fromkeys(r.shape for r in records):
+        r = next(r for r in records if r.shape == shape)
+        lines.append(f"\n{shape}: {r.n_before} visual tokens, {r.extra['seq_len']} positions; vision tower "
+                     f"{r.extra['vision_s_full'] * 1e3:.1f} ms; reference score computations, % of vision tower: "
+                     f"N x N attention from hooked q/k (HiRED official) "
+                     f"{r.extra['ref_official_qk_pct_of_vision']:.1f}, an LM decoder layer re-run under eager "
+                     f"(other toolkits' FastV) {r.extra['ref_eager_layer_pct_of_vision']:.1f}")
     return "\n".join(lines)
 
 
