@@ -26,9 +26,8 @@ import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import globalcom2 as G
-from ..ops.topk import top_k
 from ..registry import register_method
-from .common import resolve_layer, select_per_crop
+from .common import resolve_layer, select_top_per_crop
 
 
 @dataclass(frozen=True)
@@ -87,19 +86,22 @@ class GlobalCom2(VisionMethod):
                 ratios[c] = float(sub_ratio[j])
             return G.crop_keep_counts(caps, ratios, total=total)
 
-        def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
-            local = image.local_index[positions]  # (n,) raster index inside the crop
-            if crop == base:
-                return positions[top_k(thumb[local], k)]
+        # every position's score: the thumbnail's own on its crop, local + interpolated global on each sub-image
+        local_all = image.local_index.to(score.device)  # (n_before,)
+        scores = torch.zeros(image.n_before, dtype=torch.float32, device=score.device)  # layout rows: ignored
+        on_base = (image.crop_of == base).nonzero(as_tuple=True)[0].to(score.device)  # (n_base,)
+        scores[on_base] = thumb[local_all[on_base]]
+        for crop in subs:  # each sub-image's global scores are its own box of the thumbnail, interpolated
+            positions = image.crop_positions(crop).to(score.device)  # (n,) ascending
+            if positions.numel() == 0:  # unpadded to nothing (extreme aspect ratios): no token to score
+                continue
+            local = local_all[positions]  # (n,) raster index inside the crop
             order = torch.argsort(local)  # raster order inside the crop
             full_hw, rows, cols = boxes[crop]
             s = G.crop_token_scores(score[crop][local[order]], thumb.reshape(h, w), full_hw=full_hw,
                                     crop_rows=rows, crop_cols=cols)  # (n,) raster order
-            scores = torch.empty_like(s)
-            scores[order] = s  # back to position order
-            return positions[top_k(scores, k)]
-
-        return select_per_crop(image, n_keep, budgets_for, pick)
+            scores[positions[order]] = s.float()
+        return select_top_per_crop(image, n_keep, budgets_for, scores)
 
 
 

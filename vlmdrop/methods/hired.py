@@ -12,9 +12,8 @@ import torch
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import hired as F
 from ..ops import hired_official as OF
-from ..ops.topk import top_k
 from ..registry import register_method
-from .common import resolve_layer, select_per_crop
+from .common import resolve_layer, select_top_per_crop
 
 MODES = ("paper", "official-code")
 
@@ -90,11 +89,9 @@ class Hired(VisionMethod):
                 out[c] = k
             return out  # crop order
 
-        def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
-            scores = feature[crop][image.local_index[positions]]  # (n,)
-            return positions[top_k(scores, k)]
-
-        return select_per_crop(image, n_keep, budgets_for, pick)
+        crop = image.crop_of.clamp(min=0).to(feature.device)  # (n_before,); layout rows read crop 0, ignored
+        local = image.local_index.clamp(min=0).to(feature.device)  # (n_before,)
+        return select_top_per_crop(image, n_keep, budgets_for, feature[crop, local])  # scores (n_before,)
 
     def _official(self, image: ImageTokens, feature: torch.Tensor) -> Selection:
         """The published code's rule (see `vlmdrop.ops.hired_official`): budget over padded crops,
