@@ -190,11 +190,20 @@ class LLMMethod:
         is the image's token count when it entered the language model."""
         raise NotImplementedError
 
-    def select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-        """(n_present,) scores of an image's present tokens -> (n_keep,) ascending indices to keep."""
-        from .ops.topk import top_k
+    def select(self, scores: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """Which tokens survive, for every image of the batch at once.
 
-        return top_k(scores, n_keep)
+        Args:
+            scores: (P,) the present tokens' scores, image after image (each image's ascending).
+            lengths: (C,) tokens present per image; ks: (C,) how many each image keeps.
+
+        Returns:
+            (sum ks,) indices into `scores`, image by image, ascending within each: the top `ks[c]` of
+            image c (ties to the lower index), in one launch (`vlmdrop.kernels.segmented_topk`).
+        """
+        from . import kernels
+
+        return kernels.segmented_topk(scores, lengths, ks)
 
 
 @dataclass
