@@ -6,20 +6,23 @@ thumbnail: 1,792).  Per shape, every configuration (the full model, then each me
 the same round, rounds repeated and medians reported, so that a drift of the machine hits all alike.
 
 * ``prefill_s``: wall time of one prefill forward (``model(**inputs, use_cache=True, logits_to_keep=1)``).
-* ``ideal_s``: measured, not modelled: the unmodified model's vision tower time on the same image (a forward
-  hook in the full model's run of the same round) plus its language model run directly on ``inputs_embeds``
-  of the kept length ``L' = L - n_before + n_kept`` rows.
+* ``ideal_s``: measured, not modelled: what the unmodified model spends outside its language model in the same
+  round (vision tower, projector, packing, embedding lookup: a method still encodes the whole image) plus its
+  language model run directly on ``inputs_embeds`` of the kept length ``L' = L - n_before + n_kept`` rows.
 * ``speedup = prefill_s_full / prefill_s``; ``fraction_of_ideal = ideal_s / prefill_s``;
-  ``overhead_pct = 100 * (prefill_s - ideal_s) / prefill_s`` (scoring, selection, compaction, plus the
-  projector and embedding lookup that the ideal leaves out).
+  ``overhead_pct = 100 * (prefill_s - ideal_s) / prefill_s`` (the method's capture, scoring, selection and
+  compaction).
 * ``decode_tps``: new tokens per second after the first token of a greedy ``generate``.
 * ``peak_mem_mb``: CUDA ``max_memory_allocated`` reset per configuration; on CPU the peak RSS of a fresh
   subprocess per configuration (``--memory``; off by default since each subprocess builds its model).
-* ``score_pct_of_vision`` (vision-stage methods; ``null`` for LLM-stage ones): the vision tower's extra time
-  under the method (its capture and scoring hooks), % of the full model's vision tower time; beside it, per
-  shape, two reference ways of getting the scores (``ref_official_qk_pct_of_vision``: the N x N attention
-  recomputed from hooked q/k, HiRED's official code; ``ref_eager_layer_pct_of_vision``: a decoder layer re-run
-  under eager attention, other toolkits' FastV).
+* ``score_s`` / ``score_rows``: the method's own scoring, timed on its real hooks during a prefill (the score
+  functions the hooks call, wrapped by the benchmark only), and the score rows it made (a ViT CLS row per role,
+  an LLM last-token row per drop layer).  ``score_pct_of_vision`` = ``score_s`` as % of the full model's vision
+  tower time (vision-stage methods; ``null`` for LLM-stage ones).  ``ref_s``: the same rows the reference way,
+  which exists only in this benchmark (vision: the N x N attention recomputed from the layer's hooked q/k, as
+  HiRED's official code gets it; LLM: the decoder layer re-run under eager attention with the weights
+  returned, other toolkits' FastV); ``ref_ratio = ref_s / score_s``.  ``vision_extra_pct``: the vision tower's
+  end-to-end extra time under the method (a difference of medians: noisy at these widths).
 """
 
 from __future__ import annotations
@@ -274,6 +277,66 @@ def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], Non
     return t_off, t_eager
 
 
+class _ScoreTimer:
+    """Times the functions the installed hooks call to score tokens, for one configuration's prefills.
+
+    Patches, inside the benchmark only and for the duration of a `with`, the module globals through which
+    the capture hooks reach their score functions (the ViT CLS row or logits, `vlmdrop.adapters.vision_capture`;
+    the LLM's last-token attention row, `vlmdrop.adapters.llm_stage`), so the time is that of the method's own
+    scoring on the real q/k of the prefill, synchronised on CUDA; `calls` counts the score rows made (one per
+    ViT role or LLM drop layer), which sets how many reference computations the same scores would cost."""
+
+    TARGETS = (("vlmdrop.adapters.vision_capture", "cls_attention_from_projections"),
+               ("vlmdrop.adapters.vision_capture", "cls_logits_from_projections"),
+               ("vlmdrop.adapters.llm_stage", "last_token_attention"))
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync, self.seconds, self.calls = sync, 0.0, 0
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            return out
+
+        return timed
+
+    def __enter__(self) -> _ScoreTimer:
+        import importlib
+
+        for mod_name, attr in self.TARGETS:
+            mod = importlib.import_module(mod_name)
+            fn = getattr(mod, attr)
+            self._saved.append((mod, attr, fn))
+            setattr(mod, attr, self._wrap(fn))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._saved:
+            mod, attr, fn = self._saved.pop()
+            setattr(mod, attr, fn)
+
+
+def _score_cost(model: Any, inputs: dict[str, Any], method: str, budget: float, sync: Callable[[], None], *,
+                repeat: int) -> tuple[float, int]:
+    """(median seconds of the method's scoring per prefill, score rows per prefill)."""
+    h = _apply(model, method, budget)
+    try:
+        runs = []
+        for _ in range(repeat + 1):  # the first is a warm-up
+            with _ScoreTimer(sync) as timer:
+                _prefill(model, inputs, sync)
+            runs.append((timer.seconds, timer.calls))
+    finally:
+        h.remove()
+    return statistics.median(r[0] for r in runs[1:]), runs[-1][1]
+
+
 def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype: str) -> float:
     """Peak RSS (MB) of a fresh subprocess that builds `shape` and runs one prefill of the configuration."""
     cmd = [sys.executable, "-m", "vlmdrop.bench", "--worker", shape, method or "-", str(budget or 0), dtype]
@@ -337,12 +400,12 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
         ideal: dict[Any, list[float]] = {c: [] for c in configs[1:]}
         for r in range(repeat):
             order = configs if r % 2 == 0 else configs[::-1]
-            vision_full = None
+            lm_full = 0.0
             round_t: dict[Any, float] = {}
             for c in order:
                 if c is None:
                     round_t[c] = _prefill(model, inputs, sync)
-                    vision_full = vis.seconds
+                    lm_full = lmc.seconds
                     parts[c].append((vis.seconds, lmc.seconds))
                 else:
                     h = _apply(model, *c)
@@ -354,8 +417,8 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             lm_t = {c: _ideal_lm(model, seq_len - kept[c][0] + kept[c][1], sync) for c in configs[1:]}
             for c in configs:
                 times[c].append(round_t[c])
-                if c is not None:
-                    ideal[c].append(vision_full + lm_t[c])
+                if c is not None:  # the full model's prefill without its LM, plus its LM on the L' rows
+                    ideal[c].append(round_t[None] - lm_full + lm_t[c])
 
         decode: dict[Any, float | None] = {c: None for c in configs}
         peak: dict[Any, float | None] = {c: None for c in configs}
@@ -388,6 +451,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
         vis.remove()
         lmc.remove()
         ref_official, ref_eager = _reference_scores(model, inputs, sync, repeat=repeat)
+        score = {c: _score_cost(model, inputs, *c, sync, repeat=repeat) for c in configs[1:]}
 
         def med(c: Any, k: int) -> float:
             return statistics.median(p[k] for p in parts[c])
@@ -398,15 +462,21 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             t = statistics.median(times[c])
             i = statistics.median(ideal[c])
             nb, nk = kept[c]
+            score_s, calls = score[c]
+            vision = _stage(c[0]) == "vision"
+            ref_s = calls * (ref_official if vision else ref_eager)  # the same score rows the reference way
             records.append(Record(
                 shape=sname, method=c[0], budget=c[1], n_before=nb, n_kept=nk, prefill_s_full=full, prefill_s=t,
                 ideal_s=i, speedup=full / t, fraction_of_ideal=i / t, overhead_pct=100.0 * (t - i) / t,
-                score_pct_of_vision=(100.0 * (med(c, 0) - vision_full) / vision_full
-                                     if _stage(c[0]) == "vision" else None),
+                score_pct_of_vision=100.0 * score_s / vision_full if vision else None,
                 peak_mem_mb_full=peak[None], peak_mem_mb=peak[c], decode_tps_full=decode[None],
                 decode_tps=decode[c],
                 extra={"seq_len": seq_len, "vision_s_full": med(None, 0), "lm_s_full": med(None, 1),
                        "vision_s": med(c, 0), "lm_s": med(c, 1),
+                       "vision_extra_pct": 100.0 * (med(c, 0) - vision_full) / vision_full,
+                       "score_s": score_s, "score_rows": calls, "ref_s": ref_s,
+                       "ref_kind": ("N x N from q/k" if vision else "eager layer re-run") if calls else None,
+                       "ref_ratio": ref_s / score_s if calls and score_s > 0 else None,
                        "ref_official_qk_pct_of_vision": 100.0 * ref_official / vision_full,
                        "ref_eager_layer_pct_of_vision": 100.0 * ref_eager / vision_full},
             ))
@@ -427,13 +497,16 @@ def _fmt(v: Any, spec: str) -> str:
 
 def to_markdown(records: list[Record]) -> str:
     head = ("| shape | method | budget | kept / before | prefill full (ms) | prefill (ms) | ideal (ms) | speedup "
-            "| of ideal | overhead % | score % of vision | peak MB full | peak MB | decode tok/s full | decode tok/s |")
+            "| of ideal | overhead % | score % of vision | score ms | reference / score | peak MB full | peak MB "
+            "| decode tok/s full | decode tok/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
         lines.append(
             f"| {r.shape} | {r.method} | {r.budget:g} | {r.n_kept} / {r.n_before} | {r.prefill_s_full * 1e3:.1f} "
             f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
-            f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.1f')} | {_fmt(r.peak_mem_mb_full, '.0f')} "
+            f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
+            f"| {_fmt(r.extra['ref_ratio'], '.0f')}{'x' if r.extra['ref_ratio'] is not None else ''} "
+            f"| {_fmt(r.peak_mem_mb_full, '.0f')} "
             f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
     for shape in dict.fromkeys(r.shape for r in records):
         r = next(r for r in records if r.shape == shape)
