@@ -84,3 +84,16 @@ def test_real_shapes_have_real_token_counts(name, tokens):
 def test_bench_usage_errors(capsys, argv, msg):
     assert main(["bench", "--shapes", "tiny", *argv]) == 2
     assert f"vlmdrop bench: error: {msg}" in capsys.readouterr().err
+
+
+def test_bench_kernels_cpu_times_the_fallbacks(capsys, monkeypatch):
+    import vlmdrop.bench as bench
+
+    monkeypatch.setenv("VLMDROP_KERNELS", "auto")
+    recs = bench.kernel_bench(device="cpu", repeat=1)
+    assert [r["kernel"].split()[0] for r in recs] == ["compact_rows", "segmented_topk", "attention_received"]
+    for r in recs:  # no CUDA: the fallback timed, the Triton path not run (never a made-up number)
+        assert r["torch_ms"] > 0 and r["triton_ms"] is None and r["equal"] is None
+    import os
+
+    assert os.environ["VLMDROP_KERNELS"] == "auto"  # restored

@@ -485,6 +485,78 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
 
 
 # ======================================================================================
+# kernels against their fallbacks
+# ======================================================================================
+def kernel_bench(*, device: str = "cpu", dtype: str = "float32", repeat: int = 5) -> list[dict[str, Any]]:
+    """Each `vlmdrop.kernels` function on its real-size inputs, the torch fallback against the Triton kernel
+    (the latter only on CUDA with triton), medians of `repeat` calls after a warm-up; `equal`: the two paths'
+    results agree (bit for bit for compaction and top-k, to 1e-5 for attention received)."""
+    import os
+
+    from vlmdrop import kernels
+
+    sync = _sync_fn(device)
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    b, length, width = 8, 3000, 1024  # a batch of 8 LLaVA-NeXT prompts, hidden rows of 1024
+    keep = torch.rand(b, length, generator=g) < 0.3
+    cases = {
+        "compact_rows (B=8, L=3000, D=1024)": lambda: kernels.compact_rows(
+            x, keep_d, attention_mask=mask),
+        "segmented_topk (8 images x 5 crops of 576)": lambda: kernels.segmented_topk(scores, lengths, ks),
+        "attention_received (H=16, N=2880, D=64)": lambda: kernels.attention_received(q, k, scale=0.125),
+    }
+    x = torch.randn(b, length, width, generator=g).to(device=device, dtype=dt)
+    keep_d = keep.to(device)
+    mask = torch.ones(b, length, dtype=torch.long, device=device)
+    scores = torch.randn(40 * 576, generator=g).to(device)
+    lengths = torch.full((40,), 576, device=device)
+    ks = torch.full((40,), 115, device=device)
+    q = torch.randn(1, 16, 2880, 64, generator=g).to(device=device, dtype=dt)
+    k = torch.randn(1, 16, 2880, 64, generator=g).to(device=device, dtype=dt)
+    paths = ["torch"] + (["triton"] if device.startswith("cuda") and kernels.triton_available() else [])
+    out = []
+    saved = os.environ.get("VLMDROP_KERNELS")
+    try:
+        for name, fn in cases.items():
+            rec: dict[str, Any] = {"kernel": name, "torch_ms": None, "triton_ms": None, "equal": None}
+            results = {}
+            for path in paths:
+                os.environ["VLMDROP_KERNELS"] = path
+                results[path] = fn()
+                times = []
+                for _ in range(repeat):
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                rec[f"{path}_ms"] = 1e3 * statistics.median(times)
+            if len(results) == 2:
+                a, c = results["torch"], results["triton"]
+                a, c = (a, c) if isinstance(a, tuple) else ((a,), (c,))
+                exact = not name.startswith("attention_received")
+                rec["equal"] = all(torch.equal(u, v) if exact else torch.allclose(u, v, atol=1e-5)
+                                   for u, v in zip(a, c))
+            out.append(rec)
+    finally:
+        if saved is None:
+            os.environ.pop("VLMDROP_KERNELS", None)
+        else:
+            os.environ["VLMDROP_KERNELS"] = saved
+    return out
+
+
+def kernels_markdown(recs: list[dict[str, Any]]) -> str:
+    lines = ["| kernel | torch fallback (ms) | Triton (ms) | fallback / Triton | equal |", "|---|---|---|---|---|"]
+    for r in recs:
+        ratio = r["torch_ms"] / r["triton_ms"] if r["triton_ms"] else None
+        lines.append(f"| {r['kernel']} | {r['torch_ms']:.2f} | {_fmt(r['triton_ms'], '.2f')} | {_fmt(ratio, '.1f')} "
+                     f"| {'-' if r['equal'] is None else r['equal']} |")
+    return "\n".join(lines)
+
+
+# ======================================================================================
 # output
 # ======================================================================================
 def to_json(records: list[Record]) -> str:
@@ -567,6 +639,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="CPU: peak RSS of a fresh subprocess per configuration")
     p.add_argument("--json", action="store_true", help="print one JSON record per shape x method x budget")
     p.add_argument("--png", default=None, help="write a PNG of speedup vs budget (ideal dashed) here")
+    p.add_argument("--kernels", action="store_true",
+                   help="time each vlmdrop.kernels function, torch fallback vs Triton (CUDA), instead of the models")
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -597,6 +671,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return usage(f"--repeat {repeat} must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return usage(f"--device {args.device!r}: CUDA is not available")
+    if args.kernels:
+        recs = kernel_bench(device=args.device, dtype=args.dtype, repeat=repeat)
+        print(json.dumps(recs, indent=1) if args.json else kernels_markdown(recs))
+        return 0
     records = run_bench(shapes, methods, budgets, repeat=repeat, device=args.device, dtype=args.dtype,
                         decode_tokens=8 if args.quick else 32, decode_repeat=1 if args.quick else 3,
                         memory=args.memory)
