@@ -567,6 +567,10 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}x" if v >= 10 else f"{v:.2g}x"
+
+
 def to_markdown(records: list[Record]) -> str:
     head = ("| shape | method | budget | kept / before | prefill full (ms) | prefill (ms) | ideal (ms) | speedup "
             "| of ideal | overhead % | score % of vision | score ms | reference / score | peak MB full | peak MB "
@@ -577,7 +581,7 @@ def to_markdown(records: list[Record]) -> str:
             f"| {r.shape} | {r.method} | {r.budget:g} | {r.n_kept} / {r.n_before} | {r.prefill_s_full * 1e3:.1f} "
             f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
             f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
-            f"| {_fmt(r.extra['ref_ratio'], '.0f')}{'x' if r.extra['ref_ratio'] is not None else ''} "
+            f"| {_ratio(r.extra['ref_ratio'])} "
             f"| {_fmt(r.peak_mem_mb_full, '.0f')} "
             f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
     for shape in dict.fromkeys(r.shape for r in records):
