@@ -338,7 +338,8 @@ def _score_cost(model: Any, inputs: dict[str, Any], method: str, budget: float, 
 
 
 def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype: str) -> float:
-    """Peak RSS (MB) of a fresh subprocess that builds `shape` and runs one prefill of the configuration."""
+    """Peak RSS (MB) of one prefill of the configuration in a fresh subprocess that builds `shape` (the
+    high-water mark reset after the build, see `_worker`)."""
     cmd = [sys.executable, "-m", "vlmdrop.bench", "--worker", shape, method or "-", str(budget or 0), dtype]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -346,15 +347,32 @@ def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _worker(shape: str, method: str, budget: str, dtype: str) -> None:
+    """Peak RSS (MB) of one prefill: the high-water mark is reset once the model is built (Linux
+    `clear_refs` 5), so the peak is the resident model plus what the prefill adds, not the build's."""
+    import gc
     import resource
 
     model, inputs = build(SHAPES[shape], device="cpu", dtype=dtype)
     if method != "-":
         _apply(model, method, float(budget))
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:  # not Linux, or not allowed: the peak of the whole process (ru_maxrss, KiB on Linux)
+        reset = False
     _prefill(model, inputs, lambda: None)
-    # ru_maxrss is KiB on Linux
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 # ======================================================================================
