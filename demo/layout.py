@@ -78,11 +78,10 @@ def token_layout(config: Any, processor: Any, image_size: tuple[int, int]) -> To
     if w < 1 or h < 1:
         raise ValueError(f"image_size={image_size!r} must be two positive ints (w, h)")
     kind = getattr(config, "model_type", None)
-    ip = processor.image_processor
     if kind == "llava_next":
-        return _llava_next(config, ip, w, h)
+        return _llava_next(config, processor.image_processor, w, h)
     if kind == "llava":
-        return _llava(config, ip, w, h)
+        return _llava(config, processor.image_processor, w, h)
     if kind == "internvl":
         return _internvl(config, processor, w, h)
     raise ValueError(f"model_type={kind!r}: no token layout (supported: llava, llava_next, internvl)")
