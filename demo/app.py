@@ -83,20 +83,22 @@ def build_app(backend: DemoBackend, *, samples: list[Sample] | None = None) -> A
     choices = method_choices()
     upload_root = os.path.realpath(gr.utils.get_upload_folder())
 
-    def pick_sample(label: str):
+    def pick_sample(label: str | None):
+        if label is None:  # cleared by an upload: nothing to do
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         s = by_label.get(label)
         if s is None:
-            return None, gr.update(), f"**Error:** no sample called {label!r}", None
-        return s.image, s.question, "", ("sample", label)
+            return None, gr.skip(), f"**Error:** no sample called {label!r}", None, gr.skip()
+        return s.image, s.question, "", ("sample", label), None  # the upload box is cleared
 
     def take_upload(path: str | None):
-        if not path:
-            return gr.update(), gr.update(), None
+        if not path:  # cleared (by the user or by picking a sample): nothing to do
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             image = read_upload(path, upload_root=upload_root)
-        except ImageError as e:
-            return None, f"**Error:** {e}", None
-        return image, "", ("upload", path)
+        except ImageError as e:  # the message stays, the upload box is emptied for the next try
+            return None, f"**Error:** {e}", None, None, None
+        return image, "", ("upload", path), None, gr.skip()  # the sample choice is cleared
 
     def current_image(source: tuple[str, str] | None):
         if source is None:
@@ -158,8 +160,8 @@ def build_app(backend: DemoBackend, *, samples: list[Sample] | None = None) -> A
             budgets = gr.Image(label="Budget per crop", type="pil", interactive=False, elem_id="budget-chart")
             layers = gr.Image(label="Tokens per LLM layer", type="pil", interactive=False, elem_id="layer-chart")
 
-        sample.change(pick_sample, sample, [preview, question, error, source])
-        upload.change(take_upload, upload, [preview, error, source])
+        sample.change(pick_sample, sample, [preview, question, error, source, upload])
+        upload.change(take_upload, upload, [preview, error, source, sample, upload])
         submit.click(run, [source, question, method, budget, max_new],
                      [full_text, full_info, red_text, red_info, kept, budgets, layers, note, error],
                      concurrency_limit=MODEL_CONCURRENCY, concurrency_id="model")
@@ -175,6 +177,7 @@ def launch(*, model: str | None = None, host: str = "127.0.0.1", port: int | Non
     With ``block=False`` it returns the running ``gradio.Blocks`` (``.close()`` stops it)."""
     backend = DemoBackend.load(model, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                max_new_tokens=max_new_tokens)
+    backend.warm_up()
     app = build_app(backend)
     log.info("vlmdrop demo on http://%s:%s (share=%s)", host, port, share)
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, ssr_mode=False,

@@ -86,6 +86,17 @@ class DemoBackend:
                                       device=device)
         return cls(model, processor, max_new_tokens=max_new_tokens)
 
+    def warm_up(self) -> None:
+        """One untimed comparison (a grey picture, two new tokens, HiRED) so that the first user's timings do not
+        include the process's first-call costs (kernel selection, allocator growth), as `vlmdrop run` warms up."""
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        for _ in self.compare(Image.new("RGB", (64, 48), (128, 128, 128)), "what is it?", "hired", 0.5,
+                              max_new_tokens=2):
+            pass
+        log.info("warm-up comparison took %.2f s", time.perf_counter() - t0)
+
     # ----------------------------------------------------------------------------------
     def _inputs(self, image: Any, question: str) -> Any:
         from vlmdrop.eval.loading import build_prompt

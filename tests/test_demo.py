@@ -179,3 +179,10 @@ def test_cli_demo_user_errors(argv, match, capsys):
     assert main(["demo", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vlmdrop demo: error:") and match in err
+
+
+def test_warm_up_leaves_the_model_as_before(backend):
+    image = _image(4)
+    before = _reference(backend, image, "what shape ?")
+    backend.warm_up()
+    assert not backend.model._forward_pre_hooks and _reference(backend, image, "what shape ?") == before
