@@ -14,7 +14,12 @@ __all__ = ["launch"]
 
 
 def launch(**kwargs: Any) -> Any:
-    """:func:`vlmdrop.demo.app.launch` (imports Gradio only when called)."""
+    """:func:`vlmdrop.demo.app.launch` (imports Gradio only when called; ImportError naming it when missing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ImportError("vlmdrop demo needs gradio, which is not installed: pip install 'vlmdrop[demo]'",
+                          name="gradio")
     from .app import launch as _launch
 
     return _launch(**kwargs)

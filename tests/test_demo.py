@@ -161,7 +161,6 @@ def test_method_choices_every_method_and_stacks():
 
 # ---------------------------------------------------------------------------------- vlmdrop demo
 def test_cli_demo_defaults_to_localhost(monkeypatch):
-    pytest.importorskip("gradio")
     seen = {}
     monkeypatch.setattr("vlmdrop.demo.launch", lambda **kw: seen.update(kw))
     assert main(["demo"]) == 0
@@ -186,3 +185,12 @@ def test_warm_up_leaves_the_model_as_before(backend):
     before = _reference(backend, image, "what shape ?")
     backend.warm_up()
     assert not backend.model._forward_pre_hooks and _reference(backend, image, "what shape ?") == before
+
+
+def test_cli_demo_without_gradio(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["demo"]) == 2
+    assert "needs gradio, which is not installed: pip install 'vlmdrop[demo]'" in capsys.readouterr().err

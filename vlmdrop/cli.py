@@ -1,4 +1,5 @@
-"""The `vlmdrop` command: `vlmdrop run` (full vs reduced answer) and, when installed, `vlmdrop eval`.
+"""The `vlmdrop` command: `vlmdrop run` (full vs reduced answer), `vlmdrop demo` (the Gradio page, `vlmdrop.demo`),
+`vlmdrop bench` and, when installed, `vlmdrop eval`.
 
 `vlmdrop run` checks every argument and the image before it loads the model, and the parameters that
 depend on the model (decoder layers) right after loading, before anything generates; a user error
@@ -337,17 +338,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
         check_model_arg(args.model)
-        import importlib.util
+        from vlmdrop.demo import launch
 
-        if importlib.util.find_spec("gradio") is None:
-            raise UsageError("gradio is not installed; pip install 'vlmdrop[demo]'")
+        try:
+            launch(model=args.model, host=args.host, port=args.port, share=args.share, dtype=args.dtype,
+                   device=args.device, attn_implementation=args.attn, max_new_tokens=args.max_new_tokens)
+        except ImportError as e:
+            if e.name != "gradio":
+                raise
+            raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"vlmdrop demo: error: {' '.join(str(e).split())}", file=sys.stderr)
         return USAGE_ERROR
-    from vlmdrop.demo import launch
-
-    launch(model=args.model, host=args.host, port=args.port, share=args.share, dtype=args.dtype,
-           device=args.device, attn_implementation=args.attn, max_new_tokens=args.max_new_tokens)
     return 0
 
 
