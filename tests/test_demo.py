@@ -194,3 +194,24 @@ def test_cli_demo_without_gradio(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     assert main(["demo"]) == 2
     assert "needs gradio, which is not installed: pip install 'vlmdrop[demo]'" in capsys.readouterr().err
+
+
+def test_checkpoint_folder_internvl_end_to_end(tmp_path):
+    """`--model FOLDER --dtype float32 --device cpu`: a saved InternVL (48 px tiles: 9 tokens per tile) through the
+    loader, a stack, and the pictures (tiles and thumbnail panels, per-crop and per-layer charts)."""
+    from vlmdrop.demo.app import _pictures
+    from vlmdrop.testing import tiny_internvl
+
+    model, processor = tiny_internvl(tile_size=48, patch_size=8, max_patches=4, text_layers=3)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    backend = DemoBackend.load(str(tmp_path), dtype="float32", device="cpu", max_new_tokens=3)
+    assert backend.model.dtype == torch.float32 and backend.model.device.type == "cpu"
+    image = _image(5).resize((300, 120))
+    for full, red in backend.compare(image, "what is it ?", "pool+pdrop", 0.3):
+        pass
+    st = red.stats
+    assert st.n_before == full.visual_tokens == 36 and len(st.crop_budgets) == 4  # 1x3 tiles + thumbnail
+    assert st.layer_tokens[0] == round(0.3 * 36) and st.n_kept == st.layer_tokens[-1]
+    picture, budgets, layers, note = _pictures(image, backend, red)
+    assert picture.size == (2 * 300 + 8, 120 + 18) and budgets is not None and layers is not None, note
