@@ -4,15 +4,17 @@ Public API only: ``vlmdrop.apply`` / ``handle.stats`` / ``handle.remove``, the e
 builder (:mod:`vlmdrop.eval.loading`) and its budget -> parameter mapping (:mod:`vlmdrop.eval.params`, the one
 ``vlmdrop run`` and ``vlmdrop eval`` use; with a stack the budget goes to each method, as in ``vlmdrop run``).
 
-``vlmdrop.apply`` changes the model in place, so :meth:`DemoBackend.compare` holds a lock for the whole
-comparison (full answer, apply, reduced answer, ``handle.stats``, remove): two callers never interleave, and the
-stats read are the reduced call's own. Each answer streams from a ``TextIteratorStreamer`` fed by ``generate``
+``vlmdrop.apply`` changes the model in place, so a comparison (full answer, apply, reduced answer, ``handle.stats``,
+remove) runs on a worker thread that holds a lock for all of it: two callers never interleave, the stats read are
+the reduced call's own, and a caller that stops listening cannot keep the lock. Each answer streams from a ``TextIteratorStreamer`` fed by ``generate``
 on a worker thread; a ``LogitsProcessor`` stamps each step (after a device synchronise) for the timings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -164,11 +166,35 @@ class DemoBackend:
     def compare(self, image: Any, question: str, method: str, budget: float, *,
                 max_new_tokens: int | None = None) -> Iterator[tuple[Answer, Answer]]:
         """Stream ``(full, reduced)``: first the full model's answer, then the reduced model's (``method`` applied
-        with ``budget``), each yielded as it grows. The reduced answer carries ``handle.stats.images[0]``."""
+        with ``budget``), each yielded as it grows (snapshots). The reduced answer carries ``handle.stats.images[0]``.
+
+        The comparison runs on a worker thread that holds the lock; this generator only relays its snapshots, so a
+        caller that stops iterating (a browser gone mid-answer, the generator never resumed nor closed) leaves no
+        lock held and no handle applied once the worker finishes."""
+        names, kwargs = self.method_kwargs(method, budget)  # a bad choice raises here, before any work
+        n_new = int(max_new_tokens or self.max_new_tokens)
+        updates: queue.Queue = queue.Queue()
+        done = object()
+
+        def work() -> None:
+            try:
+                for full, red in self._compare(image, question, method, names, kwargs, n_new):
+                    updates.put((dataclasses.replace(full), dataclasses.replace(red)))
+            except BaseException as e:  # handed to the caller's thread
+                updates.put(e)
+            finally:
+                updates.put(done)
+
+        threading.Thread(target=work, name="vlmdrop-demo-compare", daemon=True).start()
+        while (item := updates.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _compare(self, image: Any, question: str, method: str, names: list[str],
+                 kwargs: dict[str, dict[str, Any]], n_new: int) -> Iterator[tuple[Answer, Answer]]:
         import vlmdrop
 
-        names, kwargs = self.method_kwargs(method, budget)
-        n_new = int(max_new_tokens or self.max_new_tokens)
         with self.lock:
             inputs = self._inputs(image, question)
             image_token = getattr(self.model.config, "image_token_id", None)

@@ -215,3 +215,18 @@ def test_checkpoint_folder_internvl_end_to_end(tmp_path):
     assert st.layer_tokens[0] == round(0.3 * 36) and st.n_kept == st.layer_tokens[-1]
     picture, budgets, layers, note = _pictures(image, backend, red)
     assert picture.size == (2 * 300 + 8, 120 + 18) and budgets is not None and layers is not None, note
+
+
+def test_an_abandoned_comparison_does_not_block_the_next(backend):
+    """A browser that goes away mid-answer leaves its generator suspended (never resumed, never closed): the next
+    user's comparison still runs (the work and the lock live on a worker thread, not in the suspended generator)."""
+    abandoned = backend.compare(_image(6), "what shape ?", "hired", 0.3)
+    next(abandoned)
+    result = []
+    t = threading.Thread(target=lambda: result.extend(backend.compare(_image(7), "what shape ?", "pool", 0.3)),
+                         daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "the second comparison waited for the abandoned one"
+    assert result and result[-1][1].done and result[-1][1].stats.n_kept > 0
+    del abandoned
