@@ -6,8 +6,9 @@ builder (:mod:`vlmdrop.eval.loading`) and its budget -> parameter mapping (:mod:
 
 ``vlmdrop.apply`` changes the model in place, so a comparison (full answer, apply, reduced answer, ``handle.stats``,
 remove) runs on a worker thread that holds a lock for all of it: two callers never interleave, the stats read are
-the reduced call's own, and a caller that stops listening cannot keep the lock. Each answer streams from a ``TextIteratorStreamer`` fed by ``generate``
-on a worker thread; a ``LogitsProcessor`` stamps each step (after a device synchronise) for the timings.
+the reduced call's own, and a caller that stops listening cannot keep the lock. Each answer streams from a
+``TextIteratorStreamer`` fed by ``generate`` on its own thread; a ``LogitsProcessor`` stamps each step (after a
+device synchronise) for the timings.
 """
 
 from __future__ import annotations
