@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .backend import Answer, DemoBackend, method_choices
 from .layout import bar_chart, kept_picture, token_layout
@@ -19,7 +19,7 @@ from .samples import MAX_IMAGE_PIXELS, ImageError, Sample, load_samples, read_up
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_FILE_SIZE", "MODEL_CONCURRENCY", "QUEUE_SIZE", "build_app", "launch"]
+__all__ = ["MAX_FILE_SIZE", "MODEL_CONCURRENCY", "QUEUE_SIZE", "build_app", "comparison_updates", "launch"]
 
 #: Comparisons that run at once (Gradio's ``concurrency_limit`` of the Submit event): the model is changed in
 #: place by ``vlmdrop.apply`` while the reduced answer is generated, so one at a time.
@@ -74,6 +74,31 @@ def _pictures(image: Any, backend: DemoBackend, red: Answer) -> tuple[Any, Any, 
     return picture, budgets, layers, note
 
 
+def comparison_updates(backend: DemoBackend, get_image: Callable[[], Any], question: str, method: str,
+                       budget: float, max_new_tokens: float) -> Iterator[tuple]:
+    """The *Answer* event's outputs as they change: (full answer, its stats, reduced answer, its stats, kept-token
+    picture, per-crop chart, per-layer chart, note, error). A user error (``ValueError``: the image, a method's
+    parameters) or a failure of the model becomes one line in the error box, never a stack trace in the page."""
+    blank = ("", "", "", "", None, None, None, "")  # answers, stats, pictures, note
+    try:
+        image = get_image()
+        if not question or not question.strip():
+            raise ImageError("type a question")
+        full, red = Answer(), Answer()
+        for full, red in backend.compare(image, question.strip(), method, float(budget),
+                                         max_new_tokens=int(max_new_tokens)):
+            yield (full.text, _fmt_answer(full, full=True), red.text, _fmt_answer(red, full=False),
+                   None, None, None, "", "")
+        picture, budgets, layers, note = _pictures(image, backend, red)
+        yield (full.text, _fmt_answer(full, full=True), red.text, _fmt_answer(red, full=False),
+               picture, budgets, layers, note, "")
+    except ValueError as e:  # ImageError, a method's parameter error (vlmdrop.apply), a layout error
+        yield blank + (f"**Error:** {' '.join(str(e).split())}",)
+    except Exception as e:  # the model failed (e.g. out of memory): logged in full, one line in the page
+        log.exception("comparison failed (method %r, budget %r)", method, budget)
+        yield blank + (f"**Error:** the model failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}",)
+
+
 def build_app(backend: DemoBackend, *, samples: list[Sample] | None = None) -> Any:
     """The ``gradio.Blocks`` of the demo on ``backend`` (samples: :func:`samples.load_samples` by default)."""
     import gradio as gr
@@ -109,21 +134,7 @@ def build_app(backend: DemoBackend, *, samples: list[Sample] | None = None) -> A
         return read_upload(key, upload_root=upload_root)
 
     def run(source, question: str, method: str, budget: float, max_new: float) -> Iterator[tuple]:
-        blank = ("", "", "", "", None, None, None, "")  # answers, stats, pictures, note
-        try:
-            image = current_image(source)
-            if not question or not question.strip():
-                raise ImageError("type a question")
-            full, red = Answer(), Answer()
-            for full, red in backend.compare(image, question.strip(), method, float(budget),
-                                             max_new_tokens=int(max_new)):
-                yield (full.text, _fmt_answer(full, full=True), red.text, _fmt_answer(red, full=False),
-                       None, None, None, "", "")
-            picture, budgets, layers, note = _pictures(image, backend, red)
-            yield (full.text, _fmt_answer(full, full=True), red.text, _fmt_answer(red, full=False),
-                   picture, budgets, layers, note, "")
-        except ValueError as e:  # ImageError, a method's parameter error (vlmdrop.apply), a layout error
-            yield blank + (f"**Error:** {e}",)
+        yield from comparison_updates(backend, lambda: current_image(source), question, method, budget, max_new)
 
     with gr.Blocks(title="vlmdrop: full vs reduced", analytics_enabled=False) as app:
         gr.Markdown("# vlmdrop — the full model and the reduced model, side by side\n"

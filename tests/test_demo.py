@@ -230,3 +230,25 @@ def test_an_abandoned_comparison_does_not_block_the_next(backend):
     assert not t.is_alive(), "the second comparison waited for the abandoned one"
     assert result and result[-1][1].done and result[-1][1].stats.n_kept > 0
     del abandoned
+
+
+def test_page_updates_turn_errors_into_one_line(backend, monkeypatch):
+    from vlmdrop.demo.app import comparison_updates
+
+    def no_image():
+        raise ImageError("pick a sample or upload an image first")
+
+    out = list(comparison_updates(backend, no_image, "q", "hired", 0.2, 3))
+    assert len(out) == 1 and out[0][-1] == "**Error:** pick a sample or upload an image first"
+    out = list(comparison_updates(backend, _image, "  ", "hired", 0.2, 3))
+    assert out[-1][-1] == "**Error:** type a question"
+    out = list(comparison_updates(backend, _image, "q", "pdrop", 0.2, 3))  # fine: layers from the 4-layer LM
+    assert out[-1][-1] == "" and out[-1][4] is not None and out[-1][6] is not None and out[-1][5] is None
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(backend.model, "generate", boom)
+    out = list(comparison_updates(backend, _image, "q", "hired", 0.2, 3))
+    assert out[-1][-1] == "**Error:** the model failed: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert out[-1][:4] == ("", "", "", "")
