@@ -27,6 +27,7 @@ import torch
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import globalcom2 as G
 from ..ops.topk import top_k
+from ..ops.attention import SCORES
 from ..registry import register_method
 from .common import resolve_layer, select_per_crop
 
@@ -40,18 +41,25 @@ class GlobalCom2Config(MethodConfig):
     temperature: softmax temperature of the crop retention (official default 10.0).
     score_layer: ViT layer whose pre-softmax CLS logits (mean over heads) score tokens; -1 (the last
         layer) as in the official code.
+    score: the ViT saliency used wherever the method reads the CLS row: "cls" (the CLS query's
+        attention row), "received" (the attention each patch receives, averaged over all queries; the
+        rule for towers without a CLS token, e.g. SigLIP), or "auto" (default: "cls" when the tower has a
+        CLS token, "received" otherwise).  README: "Scores for towers without a CLS token".
     """
 
     budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.25
     temperature: float = G.TEMPERATURE
     score_layer: int = -1
+    score: str = "auto"
 
     roles = ("score",)
     logit_roles = ("score",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not valid; valid scores: {', '.join(SCORES)}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf") or t > sys.float_info.max:
             raise ValueError(f"temperature={t!r} must be a finite number > 0")  # (an int beyond float range too)
