@@ -111,11 +111,12 @@ class GlobalCom2(VisionMethod):
 
 
 
-def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
-    """`G.stitched_crop_boxes` of the image's sub-images, keyed by crop id."""
+def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
+    """`G.stitched_crop_grids` of the image's sub-images (the stitched rows and columns each one's tokens
+    sit on: a rectangle, or LLaVA-OneVision's anchor sub-grid), keyed by crop id."""
     if image.grid_hw is None:
         raise ValueError(f"an image with {image.n_crops} crops needs its sub-image grid (ImageTokens.grid_hw)")
     subs = image.sub_crops()
     local = [image.local_index[image.crop_positions(c)] for c in subs]  # (n_j,) raster index inside crop c
-    boxes = G.stitched_crop_boxes(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
+    boxes = G.stitched_crop_grids(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
     return {subs[j]: box for j, box in boxes.items()}
