@@ -12,7 +12,7 @@ Where things are taken:
   method's default is "anyres_max_9" whatever the config says).  When the unpadded grid is larger than
   N base grids the model down-samples it bilinearly *after the projector*, so a packed row mixes up to
   four patches.  Rule: every packed row has an **anchor**, the patch nearest to the point it samples
-  (its interpolated stitched coordinates, rounded); `crop_of` / `local_index` name the anchor, and the
+  (its interpolated stitched coordinates, rounded, ties to the lower index); `crop_of` / `local_index` name the anchor, and the
   row's score, keys and projector input are the model's own packing (the same bilinear interpolation)
   of the per-patch scores, keys and projector inputs, stored at the anchor's entry.  Down-sampling
   spaces samples more than one patch apart, so anchors are distinct; a crop's anchors form a grid
@@ -212,7 +212,8 @@ class LlavaOnevisionAdapter(HFVlmAdapter):
         layout = packed[:, 0] == -1  # newline rows
         grid_rows = ~layout
         grid_rows[:n] = False  # the base image comes first, never resampled
-        ay, ax = packed[:, 2].round().long(), packed[:, 3].round().long()  # (n_before,) anchors
+        # (n_before,) anchors: the nearest patch, ties (up to float64 noise of the interpolation) to the lower index
+        ay, ax = (packed[:, 2] - 0.5 - 1e-9).ceil().long(), (packed[:, 3] - 0.5 - 1e-9).ceil().long()
         crop_of = torch.full((n_before,), -1, dtype=torch.long)
         local = torch.full((n_before,), -1, dtype=torch.long)
         crop_of[:n], local[:n] = 0, torch.arange(n)
