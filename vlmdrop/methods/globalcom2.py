@@ -111,12 +111,19 @@ class GlobalCom2(VisionMethod):
 
 
 
-def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
+def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int] | torch.Tensor,
+                                                       tuple[int, int] | torch.Tensor]]:
     """`G.stitched_crop_grids` of the image's sub-images (the stitched rows and columns each one's tokens
     sit on: a rectangle, or LLaVA-OneVision's anchor sub-grid), keyed by crop id."""
     if image.grid_hw is None:
         raise ValueError(f"an image with {image.n_crops} crops needs its sub-image grid (ImageTokens.grid_hw)")
     subs = image.sub_crops()
     local = [image.local_index[image.crop_positions(c)] for c in subs]  # (n_j,) raster index inside crop c
-    boxes = G.stitched_crop_grids(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
-    return {subs[j]: box for j, box in boxes.items()}
+    grids = G.stitched_crop_grids(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
+    return {subs[j]: (full, _as_span(rows), _as_span(cols)) for j, (full, rows, cols) in grids.items()}
+
+
+def _as_span(idx: torch.Tensor) -> tuple[int, int] | torch.Tensor:
+    """Consecutive indices as the [start, stop) box `G.stitched_crop_boxes` gives; others as they are."""
+    a, b = int(idx[0]), int(idx[-1]) + 1
+    return (a, b) if idx.numel() == b - a else idx
