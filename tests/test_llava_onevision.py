@@ -168,3 +168,25 @@ def test_forward_and_generate_equal_reference_anyres_max_2(method, params):
             ref = sample_reference(model, emb, spans, None, n_new=3, next_token=int(out.logits[b, -1].argmax()))
             torch.testing.assert_close(out.logits[b, -emb.shape[1]:], ref.logits, atol=1e-4, rtol=1e-4)
             assert gen[b, length:].tolist() == ref.tokens
+
+
+def test_run_and_eval_accept_a_onevision_checkpoint(tmp_path, capsys):
+    """`vlmdrop run` and `vlmdrop eval` on a saved OneVision checkpoint folder (what a hub id such as
+    llava-hf/llava-onevision-qwen2-0.5b-ov-hf loads as): AutoModelForImageTextToText + AutoProcessor."""
+    from vlmdrop.cli import main
+    from vlmdrop.eval.cli import cli
+
+    model, proc = get_model("llava_onevision", "sdpa")
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    make_image(160, 160).save(tmp_path / "img.png")  # a 3x3 grid, down-sampled: 88 visual tokens
+    rc = main(["run", "--model", str(tmp_path / "ckpt"), "--image", str(tmp_path / "img.png"), "--question",
+               "what color ?", "--method", "hired", "--budget", "0.3", "--max-new-tokens", "2", "--repeat", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "(88 visual tokens)" in out and "hired    (26 visual tokens)" in out, out
+    rc = cli(["--model", str(tmp_path / "ckpt"), "--task", "easyvqa", "--limit", "2", "--method", "visionzip",
+              "--budget", "0.25", "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "o"),
+              "--no-progress"])
+    assert rc == 0
+    assert "| visionzip | 0.25 |" in capsys.readouterr().out
