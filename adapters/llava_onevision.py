@@ -104,13 +104,13 @@ class LlavaOnevisionAdapter(HFVlmAdapter):
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:
-        """Run the model's own `get_image_features` as its forward would."""
+        """Run the model's own `get_image_features` as its forward would: `LlavaOnevisionModel.forward` does not
+        pass the caller's `vision_aspect_ratio` on (transformers 5.24), so the config's applies, here too."""
         return self.base.get_image_features(
             pixel_values=kw["pixel_values"], image_sizes=kw.get("image_sizes"),
             vision_feature_layer=kw.get("vision_feature_layer"),
             vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-            vision_aspect_ratio=kw.get("vision_aspect_ratio"), batch_num_images=kw.get("batch_num_images"),
-            return_dict=True)
+            batch_num_images=kw.get("batch_num_images"), return_dict=True)
 
     def on_encoded(self, out: Any, args: dict, record: EncodeRecord) -> None:
         """Describe every image of a `get_image_features` call while its inputs are known; the
