@@ -219,7 +219,9 @@ class LlavaOnevisionAdapter(HFVlmAdapter):
         crop_of[:n], local[:n] = 0, torch.arange(n)
         crop_of[grid_rows] = 1 + (ay[grid_rows] // h) * gw + ax[grid_rows] // w
         local[grid_rows] = (ay[grid_rows] % h) * w + ax[grid_rows] % w
-        resampled = bool((packed[grid_rows, 2:] != packed[grid_rows, 2:].round()).any())
+        # the full-resolution unpadded layout (never down-sampled): whether the model resampled, and the content box
+        full = self._pack(fake, size, _NO_DOWNSAMPLING).round().long()  # (n_full, 4)
+        resampled = full.shape[0] != n_before
         if resampled:
             pairs = crop_of[grid_rows] * n + local[grid_rows]
             if pairs.unique().numel() != pairs.numel():
@@ -239,8 +241,7 @@ class LlavaOnevisionAdapter(HFVlmAdapter):
 
             cls_attn = {role: repack(r, True) for role, r in cls_attn.items()}  # (n_crops, H, h*w)
             features = {k: repack(v, False) for k, v in features.items()}  # (n_crops, h*w, c)
-        # the content box of the full-resolution unpadded grid (not the anchors', which skip its border)
-        full = self._pack(fake, size, _NO_DOWNSAMPLING).round().long() if resampled else packed.round().long()
+        # the content box of the full-resolution grid (not the anchors', which may skip its border)
         box = content_box_from_layout(full[:, 0], full[:, 1], crop_hw=self.crop_hw, grid_hw=(gh, gw))
         base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=(gh, gw), content_box=box)
         return ImageTokens(n_before=n_before, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw,

@@ -15,6 +15,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import get_any
 
 import vlmdrop
 from vlmdrop.methods.hired import Hired
+from vlmdrop.ops.anyres import base_region_map
 
 PROMPT = "USER: <image>\nwhat is the shape ? ASSISTANT:"
 # (H, W) -> grid on the 56 px crops of the tiny model (pinpoints up to 3x3)
@@ -50,20 +51,21 @@ def _bilinear_1d(n_in: int, n_out: int) -> list[list[tuple[int, float]]]:
     return taps
 
 
-def _manual_pack(per_patch: torch.Tensor, size, cfg, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _manual_pack(per_patch: torch.Tensor, size, cfg, h: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Sub-image grid rows of one image by hand: stitch, unpad, down-sample by the anyres_max rule with
     explicit bilinear taps.  per_patch (n_crops, h*h, c) -> ((R, W', c) rows, (R, W', 2) nearest source
-    (row, col) in the padded stitched grid)."""
+    (row, col) in the padded stitched grid, (top, left, height, width) of the unpadded grid in it)."""
     gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
     c = per_patch.shape[-1]
     grid = per_patch[1:].reshape(gh, gw, h, h, c).permute(4, 0, 2, 1, 3).reshape(c, gh * h, gw * h)
     coords = torch.stack(torch.meshgrid(torch.arange(gh * h), torch.arange(gw * h), indexing="ij")).double()
     grid, coords = unpad_image(grid, size), unpad_image(coords, size)  # (c, H', W'), (2, H', W')
     _, hh, ww = grid.shape
+    box = (int(coords[0].min()), int(coords[1].min()), hh, ww)
     max_n = int(cfg.vision_aspect_ratio.strip("anyres_max_"))
     ratio = math.sqrt(hh * ww / (max_n * h ** 2))
     if ratio <= 1.1:
-        return grid.permute(1, 2, 0), coords.permute(1, 2, 0).long()
+        return grid.permute(1, 2, 0), coords.permute(1, 2, 0).long(), box
     oh, ow = int(hh // ratio), int(ww // ratio)
     ty, tx = _bilinear_1d(hh, oh), _bilinear_1d(ww, ow)
     out = torch.zeros(oh, ow, c, dtype=torch.float64)
@@ -76,15 +78,17 @@ def _manual_pack(per_patch: torch.Tensor, size, cfg, h: int) -> tuple[torch.Tens
             y = ty[i][1][0] if ty[i][1][1] > 0.5 else ty[i][0][0]  # nearest tap, ties to the lower index
             x = tx[j][1][0] if tx[j][1][1] > 0.5 else tx[j][0][0]
             near[i, j] = coords[:, y, x].long()
-    return out, near
+    return out, near, box
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_packed_row_map_matches_model_and_processor(monkeypatch, size):
+@pytest.mark.parametrize("size,aspect", [(s, "anyres_max_4") for s in SIZES]
+                         # 12x12 -> 4x4: every sample lands exactly on a patch (3i + 1), still a down-sampling
+                         + [((160, 160), "anyres_max_1"), ((60, 130), "anyres_max_1")])
+def test_packed_row_map_matches_model_and_processor(monkeypatch, size, aspect):
     """Per image: the processor's placeholder count, the model's own rows (the projector output stitched,
     unpadded and down-sampled by hand), and the adapter's map: newline after every grid row, each grid
-    row anchored at its nearest source patch, its score and projector input the same bilinear mix."""
-    model, proc = get_model("llava_onevision", "eager")
+    row anchored at its nearest source patch, its score the same bilinear mix, HiRED's region map."""
+    model, proc = get_model("llava_onevision", "eager", vision_aspect_ratio=aspect)
     cfg = model.config
     h = cfg.vision_config.image_size // cfg.vision_config.patch_size
     inputs = proc(images=[make_image(*size, 3)], text=[PROMPT], return_tensors="pt")
@@ -101,8 +105,8 @@ def test_packed_row_map_matches_model_and_processor(monkeypatch, size):
         pv = inputs["pixel_values"][0, :im.n_crops]
         attn = model.model.vision_tower(pv, output_attentions=True).attentions  # (crops, H, N, N) each
     feature = attn[model.config.vision_feature_layer % len(attn)].mean(dim=2)  # (crops, H, N) explicit
-    rows, near = _manual_pack(post["out"].double(), size, cfg, h)  # the model's rows, by hand
-    scores, _ = _manual_pack(feature.transpose(1, 2).double(), size, cfg, h)  # (R, W', H)
+    rows, near, box = _manual_pack(post["out"].double(), size, cfg, h)  # the model's rows, by hand
+    scores, _, _ = _manual_pack(feature.transpose(1, 2).double(), size, cfg, h)  # (R, W', H)
     r, wcols = rows.shape[:2]
     n = h * h
     assert im.n_before == n + r * (wcols + 1)
@@ -116,6 +120,8 @@ def test_packed_row_map_matches_model_and_processor(monkeypatch, size):
     assert im.local_index[content].tolist() == ((near[:, 0] % h) * h + near[:, 1] % h).tolist()
     got = im.cls_attn["feature"][im.crop_of[content], :, im.local_index[content]]  # (r*w', H)
     torch.testing.assert_close(got.double(), scores.reshape(-1, scores.shape[-1]), atol=1e-6, rtol=1e-5)
+    # HiRED's base-image -> sub-image map: the full-resolution unpadded box, not the anchors' (which skip its border)
+    assert im.base_region.tolist() == base_region_map(crop_hw=(h, h), grid_hw=(gh, gw), content_box=box).tolist()
 
 
 def test_received_score_is_the_siglip_attention_column_mean(monkeypatch):
