@@ -12,9 +12,10 @@ Where things are taken:
   method's default is "anyres_max_9" whatever the config says).  When the unpadded grid is larger than
   N base grids the model down-samples it bilinearly *after the projector*, so a packed row mixes up to
   four patches.  Rule: every packed row has an **anchor**, the patch nearest to the point it samples
-  (its interpolated stitched coordinates, rounded, ties to the lower index); `crop_of` / `local_index` name the anchor, and the
-  row's score, keys and projector input are the model's own packing (the same bilinear interpolation)
-  of the per-patch scores, keys and projector inputs, stored at the anchor's entry.  Down-sampling
+  (its interpolated stitched coordinates, rounded, ties to the lower index); `crop_of` / `local_index`
+  name the anchor, and the row's score, keys and projector input are the model's own packing (the
+  same bilinear interpolation) of the per-patch scores, keys and projector inputs, stored at the
+  anchor's entry.  Down-sampling
   spaces samples more than one patch apart, so anchors are distinct; a crop's anchors form a grid
   (rows × columns of the stitched grid), which `pool` and GlobalCom2 use as the crop's token grid.
   Merged / pooled rows list the packed positions they cover (`new_groups`).

@@ -11,8 +11,8 @@ from conftest import batch, get_model
 
 import vlmdrop
 from vlmdrop.adapters.vision_capture import saliency_from_projections
-from vlmdrop.methods.hired import Hired, HiredConfig
 from vlmdrop.methods.globalcom2 import GlobalCom2Config
+from vlmdrop.methods.hired import Hired, HiredConfig
 from vlmdrop.methods.visionzip import VisionZipConfig
 from vlmdrop.ops.attention import resolve_score
 

@@ -12,8 +12,8 @@ import torch
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import hired as F
 from ..ops import hired_official as OF
-from ..ops.topk import top_k
 from ..ops.attention import SCORES
+from ..ops.topk import top_k
 from ..registry import register_method
 from .common import resolve_layer, select_per_crop
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
-from ..ops.visionzip import PAPER_RATIO, split_budget, visionzip_select
 from ..ops.attention import SCORES
+from ..ops.visionzip import PAPER_RATIO, split_budget, visionzip_select
 from ..registry import register_method
 from .common import reduce_per_crop, resolve_layer
 
