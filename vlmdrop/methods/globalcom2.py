@@ -5,7 +5,9 @@ each crop's retention ratio is set by the thumbnail's score summed over the crop
 temperature, `base · (1 + p_i − mean p)`, clipped to 1), and inside a crop a token's score is its
 L2-normalised local score plus the L2-normalised thumbnail score bilinearly resized to the stitched
 crop grid.  The score is the official one: the **last** ViT layer's pre-softmax CLS logits q·k·scale,
-averaged over heads.  Formulas: `vlmdrop.ops.globalcom2` (with the official-code line references).
+averaged over heads; with `score="received"` (the default on a tower without CLS, e.g. LLaVA-OneVision's
+SigLIP) the attention each patch receives, which is post-softmax (README: "Scores for towers without a CLS
+token").  Formulas: `vlmdrop.ops.globalcom2` (with the official-code line references).
 
 vlmdrop's accounting (not the official code's): the image keeps exactly `round(budget · n_before)`
 positions; `base` is that fraction of the crop positions, the thumbnail's ratio is `base`, and the
