@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model
+from conftest import HAS_OPEN_CLIP, batch, get_model
 
 import vlmdrop
 from vlmdrop.adapters.vision_capture import saliency_from_projections
@@ -83,3 +83,35 @@ def test_received_score_on_a_clip_tower_equals_explicit_attention(monkeypatch, a
         torch.testing.assert_close(got_first, ref_of(first), atol=1e-5, rtol=1e-4, msg=kind)
         torch.testing.assert_close(got_feat, ref_of(feat), atol=1e-5, rtol=1e-4, msg=kind)
     assert not torch.allclose(received[0]["feature"], cls[0]["feature"])
+
+
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason="needs open_clip and torchvision")
+def test_received_score_on_an_open_clip_tower(monkeypatch):
+    """open_clip (its own capture from the packed in_proj): score='received' is the column mean of
+    `nn.MultiheadAttention`'s own attention probabilities at the feature block (CLS column removed)."""
+    model, _ = get_model("open_clip", "native")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    blocks = model.visual.transformer.resblocks
+    inputs = {}
+    hook = blocks[1].register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    try:
+        with torch.no_grad():
+            model.encode_image(x)
+    finally:
+        hook.remove()
+    before = inputs["x"] if model.visual.transformer.batch_first else inputs["x"].transpose(0, 1)
+    with torch.no_grad():
+        inp = blocks[1].ln_1(before)
+        _, w = blocks[1].attn(inp, inp, inp, need_weights=True, average_attn_weights=False)  # (B, H, T, T)
+    for score, ref in (("received", w.mean(dim=2)[..., 1:]), ("cls", w[:, :, 0, 1:])):
+        seen = []
+
+        def spy(self, image, n_keep, **kw):
+            seen.append(image.cls_attn["feature"])
+            return _ORIGINAL_SELECT(self, image, n_keep, **kw)
+
+        monkeypatch.setattr(Hired, "select", spy)
+        with torch.no_grad(), vlmdrop.dropping(model, "hired", budget=0.5, layer=2, score=score,
+                                               first_layer=1, feature_layer=1):
+            model.encode_image(x)
+        torch.testing.assert_close(torch.cat(seen), ref, atol=1e-5, rtol=1e-4, msg=score)
