@@ -32,8 +32,10 @@ class ImageTokens:
             (-1 for layout rows).
         crop_hw: (h, w) patch grid of one crop.
         n_crops: base image + sub-images (1 when there is a single crop / tile and no thumbnail).
-        cls_attn: ViT CLS-attention rows, by role ("first", "feature"), each (n_crops, H, h*w): the
-            attention the CLS query of that ViT layer pays each patch of each crop (CLS column removed).
+        cls_attn: ViT saliency rows, by role ("first", "feature", "score"), each (n_crops, H, h*w): with
+            the method's `score="cls"`, the attention the CLS query of that ViT layer pays each patch of
+            each crop (CLS column removed); with `score="received"` (the default on towers without a CLS
+            token), the attention each patch receives, averaged over all the layer's queries.
         base_region: (h*w,) for each base-image patch, the sub-image (0-based among sub-images, i.e. among
             the crops other than `base_crop`, in crop order) whose region of the original picture contains
             the patch centre; None without sub-images.
@@ -134,6 +136,12 @@ class VisionMethod:
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    @property
+    def score(self) -> str:
+        """The saliency its roles are captured as: the config's `score` ("auto", "cls", "received"; see
+        `vlmdrop.ops.attention.resolve_score`), "auto" for a method without that option."""
+        return getattr(self.config, "score", "auto")
 
     @property
     def exact_budget(self) -> bool:

@@ -12,6 +12,7 @@ import torch
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import hired as F
 from ..ops import hired_official as OF
+from ..ops.attention import SCORES
 from ..registry import register_method
 from .common import resolve_layer, select_top_per_crop
 
@@ -28,6 +29,10 @@ class HiredConfig(MethodConfig):
     feature_layer: ViT layer whose CLS attention picks tokens inside each crop; None = the layer whose
         output the LLM receives (the model's `vision_feature_layer`, -2 for LLaVA).
     mode: "paper" (Eq. 1–2 with exact rounding) or "official-code" (the published code's allocation).
+    score: the ViT saliency used wherever the method reads the CLS row: "cls" (the CLS query's
+        attention row), "received" (the attention each patch receives, averaged over all queries; the
+        rule for towers without a CLS token, e.g. SigLIP), or "auto" (default: "cls" when the tower has a
+        CLS token, "received" otherwise).  README: "Scores for towers without a CLS token".
     """
 
     budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
@@ -36,6 +41,7 @@ class HiredConfig(MethodConfig):
     first_layer: int = 0
     feature_layer: int | None = None
     mode: str = "paper"
+    score: str = "auto"
 
     roles = ("first", "feature")
 
@@ -47,6 +53,8 @@ class HiredConfig(MethodConfig):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"{name}={v!r} must be an int layer index")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not valid; valid scores: {', '.join(SCORES)}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not valid; valid modes: {', '.join(MODES)}")
         if self.mode == "official-code" and not isinstance(self.budget, float):
