@@ -71,6 +71,10 @@ SHAPES: dict[str, Shape] = {
     "internvl": Shape("internvl", "tiny_internvl",
                       dict(tile_size=448, patch_size=14, vision_layers=4, text_layers=8, max_patches=6),
                       (1344, 896), "InternVL 6 tiles (3x2) + thumbnail, 7 x 256 = 1,792 tokens"),
+    "onevision": Shape("onevision", "tiny_llava_onevision",
+                       dict(image_size=384, patch_size=14, vision_layers=4, text_layers=8, max_grid=6,
+                            vision_aspect_ratio="anyres_max_9"),
+                       (2304, 1536), "LLaVA-OneVision 384 px, AnyRes-max-9, 6x4 grid (down-sampled): 7,329 tokens"),
     # test-only: a few tokens, so that the smoke test runs in seconds
     "tiny": Shape("tiny", "tiny_llava", dict(image_size=56, patch_size=14, vision_layers=2, text_layers=4),
                   (56, 56), "test-only LLaVA, 16 tokens"),
@@ -241,6 +245,7 @@ def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], Non
             h.remove()
     q, k = qk["q_proj"], qk["k_proj"]  # (B, N, D) each
     heads = vcfg.num_attention_heads
+    cls = vcfg.model_type != "siglip_vision_model"  # SigLIP (LLaVA-OneVision) has no CLS token
 
     def official() -> float:
         sync()
@@ -249,7 +254,10 @@ def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], Non
         qh = q.view(b, n, heads, d // heads).transpose(1, 2)  # (B, H, N, d)
         kh = k.view(b, n, heads, d // heads).transpose(1, 2)
         attn = torch.softmax(qh @ kh.transpose(-1, -2) * (d // heads) ** -0.5, dim=-1)  # (B, H, N, N)
-        attn[:, :, 0, 1:].mean(1)  # (B, N - 1) CLS attention
+        if cls:
+            attn[:, :, 0, 1:].mean(1)  # (B, N - 1) CLS attention
+        else:  # a tower without CLS (SigLIP): the attention each patch receives, the N x N way
+            attn.mean(2).mean(1)  # (B, N)
         sync()
         return time.perf_counter() - t0
 
@@ -281,13 +289,14 @@ class _ScoreTimer:
     """Times the functions the installed hooks call to score tokens, for one configuration's prefills.
 
     Patches, inside the benchmark only and for the duration of a `with`, the module globals through which
-    the capture hooks reach their score functions (the ViT CLS row or logits, `vlmdrop.adapters.vision_capture`;
+    the capture hooks reach their score functions (the ViT CLS row, logits or attention received,
+    `vision_capture.saliency_from_projections`;
     the LLM's last-token attention row, `vlmdrop.adapters.llm_stage`), so the time is that of the method's own
     scoring on the real q/k of the prefill, synchronised on CUDA; `calls` counts the score rows made (one per
     ViT role or LLM drop layer), which sets how many reference computations the same scores would cost."""
 
-    TARGETS = (("vlmdrop.adapters.vision_capture", "cls_attention_from_projections"),
-               ("vlmdrop.adapters.vision_capture", "cls_logits_from_projections"),
+    #: (module defining it, name): every `vlmdrop.adapters` module that imported the function is patched too
+    TARGETS = (("vlmdrop.adapters.vision_capture", "saliency_from_projections"),
                ("vlmdrop.adapters.llm_stage", "last_token_attention"))
 
     def __init__(self, sync: Callable[[], None]) -> None:
@@ -310,10 +319,12 @@ class _ScoreTimer:
         import importlib
 
         for mod_name, attr in self.TARGETS:
-            mod = importlib.import_module(mod_name)
-            fn = getattr(mod, attr)
-            self._saved.append((mod, attr, fn))
-            setattr(mod, attr, self._wrap(fn))
+            fn = getattr(importlib.import_module(mod_name), attr)
+            timed = self._wrap(fn)
+            for name, mod in list(sys.modules.items()):
+                if name.startswith("vlmdrop.adapters") and getattr(mod, attr, None) is fn:
+                    self._saved.append((mod, attr, fn))
+                    setattr(mod, attr, timed)
         return self
 
     def __exit__(self, *exc: Any) -> None:
