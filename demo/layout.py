@@ -70,7 +70,7 @@ def _size(d: Any, *keys: str) -> int | None:
 
 def token_layout(config: Any, processor: Any, image_size: tuple[int, int]) -> TokenLayout:
     """The :class:`TokenLayout` of an image of ``image_size = (w, h)`` for a model of ``config`` (its
-    ``model_type``: ``llava``, ``llava_next`` or ``internvl``) fed by ``processor``.
+    ``model_type``: ``llava``, ``llava_next``, ``llava_onevision`` or ``internvl``) fed by ``processor``.
 
     ValueError naming the model type when it is none of those.
     """
@@ -80,11 +80,14 @@ def token_layout(config: Any, processor: Any, image_size: tuple[int, int]) -> To
     kind = getattr(config, "model_type", None)
     if kind == "llava_next":
         return _llava_next(config, processor.image_processor, w, h)
+    if kind == "llava_onevision":
+        return _llava_onevision(config, processor.image_processor, w, h)
     if kind == "llava":
         return _llava(config, processor.image_processor, w, h)
     if kind == "internvl":
         return _internvl(config, processor, w, h)
-    raise ValueError(f"model_type={kind!r}: no token layout (supported: llava, llava_next, internvl)")
+    raise ValueError(f"model_type={kind!r}: no token layout (supported: llava, llava_next, llava_onevision, "
+                     "internvl)")
 
 
 def _llava(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
@@ -109,9 +112,9 @@ def _llava(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
     return TokenLayout(boxes, (0,) * n, (0,) * n, (f"image ({g}x{g} patches)",), ((0, region),), ("image",))
 
 
-def _llava_next(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
+def _llava_next(config: Any, ip: Any, w: int, h: int, *, crop: int | None = None) -> TokenLayout:
     patch = int(config.vision_config.patch_size)
-    crop = _size(ip.crop_size, "height") or int(config.vision_config.image_size)
+    crop = crop or _size(ip.crop_size, "height") or int(config.vision_config.image_size)
     pinpoints = [list(p) for p in (ip.image_grid_pinpoints or config.image_grid_pinpoints)]
     boxes = token_boxes((w, h), pinpoints, crop, patch)
     g2 = (crop // patch) ** 2
@@ -142,6 +145,41 @@ def _llava_next(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
     names = ("base",) + tuple(f"sub {i}" for i in range(1, rows * cols + 1))
     panels = (f"base image ({crop // patch}x{crop // patch})", f"sub-images ({rows}x{cols} grid, unpadded)")
     return TokenLayout(tuple(boxes), tuple(panel_of), tuple(crop_of), panels, tuple(crops), names)
+
+
+def _llava_onevision(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
+    """LLaVA-NeXT's layout (base image, unpadded AnyRes grid, newline rows), then, where the unpadded grid holds
+    more than ``anyres_max_N`` base grids (ratio > 1.1), the model's bilinear down-sampling: each down-sampled
+    row is drawn as its anchor, the patch nearest the point it samples (ties to the lower index), the rule the
+    adapter uses to give the row its crop (``adapters/llava_onevision.py``)."""
+    crop = _size(ip.size, "height", "shortest_edge") or int(config.vision_config.image_size)
+    full = _llava_next(config, ip, w, h, crop=crop)
+    g2 = (crop // int(config.vision_config.patch_size)) ** 2
+    rest = full.boxes[g2:]
+    if not rest:
+        return full
+    cols = rest.index(None)  # the unpadded grid: rows of `cols` boxes, each followed by a newline
+    rows = len(rest) // (cols + 1)
+    max_n = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (max_n * g2))
+    if ratio <= 1.1:
+        return full
+    h2, w2 = int(rows // ratio), int(cols // ratio)
+
+    def anchor(i: int, n_in: int, n_out: int) -> int:  # nearest source index of bilinear output i
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        return min(math.ceil(src - 0.5 - 1e-9), n_in - 1)
+
+    picks: list[int | None] = list(range(g2))  # positions of `full` each new position shows (None: newline)
+    for i in range(h2):
+        r = anchor(i, rows, h2)
+        picks.extend(g2 + r * (cols + 1) + anchor(j, cols, w2) for j in range(w2))
+        picks.append(None)
+    boxes = tuple(None if p is None else full.boxes[p] for p in picks)
+    panel_of = tuple(-1 if p is None else full.panel_of[p] for p in picks)
+    crop_of = tuple(-1 if p is None else full.crop_of[p] for p in picks)
+    panels = (full.panels[0], f"sub-images (unpadded, down-sampled to {h2}x{w2}: anchors shown)")
+    return TokenLayout(boxes, panel_of, crop_of, panels, full.crops, full.crop_names)
 
 
 def _internvl(config: Any, processor: Any, w: int, h: int) -> TokenLayout:

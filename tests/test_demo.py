@@ -252,3 +252,24 @@ def test_page_updates_turn_errors_into_one_line(backend, monkeypatch):
     out = list(comparison_updates(backend, _image, "q", "hired", 0.2, 3))
     assert out[-1][-1] == "**Error:** the model failed: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
     assert out[-1][:4] == ("", "", "", "")
+
+
+def test_checkpoint_folder_onevision_end_to_end(tmp_path):
+    """A saved LLaVA-OneVision (SigLIP without CLS: HiRED scores by attention received; a grid the model
+    down-samples) through the loader, HiRED + FastV, and the pictures."""
+    from vlmdrop.demo.app import _pictures
+    from vlmdrop.testing import tiny_llava_onevision
+
+    model, processor = tiny_llava_onevision(image_size=42, patch_size=14, text_layers=3,
+                                            vision_aspect_ratio="anyres_max_1")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    backend = DemoBackend.load(str(tmp_path), dtype="float32", device="cpu", max_new_tokens=3)
+    image = _image(5).resize((200, 200))  # 3x3 grid of 3x3 patches, down-sampled to 3x3 rows + 3 newlines
+    for full, red in backend.compare(image, "what is it ?", "hired+fastv", 0.3):
+        pass
+    st = red.stats
+    assert st.n_before == full.visual_tokens == 9 + 12 and len(st.crop_budgets) == 10
+    assert st.layer_tokens[0] == round(0.3 * 21)
+    picture, budgets, layers, note = _pictures(image, backend, red)
+    assert picture is not None and budgets is not None and layers is not None, note

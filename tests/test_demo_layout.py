@@ -8,13 +8,16 @@ from PIL import Image
 import vlmdrop
 from vlmdrop.demo.layout import DIM, bar_chart, kept_picture, token_layout
 from vlmdrop.eval.loading import build_prompt
-from vlmdrop.testing import tiny_internvl, tiny_llava, tiny_llava_next
+from vlmdrop.testing import tiny_internvl, tiny_llava, tiny_llava_next, tiny_llava_onevision
 
 # configured unlike tests/conftest.py's fixtures: other tile / patch sizes, so other grids and tokens per tile
 MODELS = {
     "llava-84-14": lambda: tiny_llava(image_size=84, patch_size=14, text_layers=2),
     "llava_next-42-14": lambda: tiny_llava_next(image_size=42, patch_size=14, text_layers=2),
     "internvl-48-8": lambda: tiny_internvl(tile_size=48, patch_size=8, max_patches=4, text_layers=2),
+    # anyres_max_1: every grid over one base grid's patches is down-sampled (anchor rows)
+    "onevision-42-14-max1": lambda: tiny_llava_onevision(image_size=42, patch_size=14, text_layers=2,
+                                                         vision_aspect_ratio="anyres_max_1"),
 }
 SIZES = [(130, 60), (50, 90), (200, 200), (300, 80), (40, 40)]  # (w, h)
 _CACHE: dict = {}
@@ -105,3 +108,19 @@ def test_bar_chart_checks_lengths():
     assert bar_chart([3, 5], ["a", "b"], title="t", caps=[4, 9]).size == (420, 200)
     with pytest.raises(ValueError, match="2 values, 3 labels"):
         bar_chart([3, 5], ["a", "b", "c"], title="t")
+
+
+def test_onevision_down_sampled_rows_are_anchors():
+    model, processor = _model("onevision-42-14-max1")
+    layout = token_layout(model.config, processor, (200, 200))  # a 3x3 grid of 3x3 patches, down-sampled
+    assert "down-sampled" in layout.panels[1]
+    inputs = processor(images=_image(200, 200), text=build_prompt(processor, "what is it ?"), return_tensors="pt")
+    assert len(layout) == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    grid = layout.boxes[9:]  # after the 3x3 base image: 9x9 unpadded patches, ratio 3 > 1.1 -> 3x3 (+ newlines)
+    assert len(grid) == 3 * 4 and grid.count(None) == 3
+    # each anchor is the patch nearest its sample point (src = 3i + 1): rows and columns 1, 4, 7 of the full grid
+    from vlmdrop.demo.layout import _llava_next
+
+    full = _llava_next(model.config, processor.image_processor, 200, 200, crop=42).boxes[9:]  # rows of 9 + newline
+    assert [grid[4 * i + j] for i in range(3) for j in range(3)] == [full[10 * r + c] for r in (1, 4, 7)
+                                                                      for c in (1, 4, 7)]
