@@ -59,6 +59,7 @@ class Pool(VisionMethod):
             grid = image.vit_hidden[crop].reshape(h, w, -1)[ri.to(dev)][:, ci.to(dev)]  # (R, C, C')
             rows, cols = ri.numel(), ci.numel()
             pooled, g = pool_grid(grid.reshape(rows * cols, -1), h=rows, w=cols, target=k)  # (k, C')
-            return positions[:0], pooled, [positions[gi] for gi in g]
+            sizes = [int(gi.numel()) for gi in g]
+            return positions[:0], pooled, list(torch.split(positions[torch.cat(g).to(positions.device)], sizes))
 
         return reduce_per_crop(image, n_keep, reduce)

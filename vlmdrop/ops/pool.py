@@ -32,22 +32,32 @@ def _row_count(h: int, w: int, target: int) -> int:
 
 def pool_groups(*, h: int, w: int, target: int) -> list[Tensor]:
     """Source raster indices averaged by each of the `target` outputs (raster order), see module doc."""
+    flat, sizes = pool_index(h=h, w=w, target=target)
+    return list(torch.split(flat, sizes.tolist()))
+
+
+def pool_index(*, h: int, w: int, target: int) -> tuple[Tensor, Tensor]:
+    """`pool_groups` flat: (S,) the groups' source indices one after the other, (target,) their sizes;
+    computed without a loop over cells."""
     if h < 1 or w < 1:
         raise ValueError(f"grid must be at least 1x1, got h={h}, w={w}")
     if not 1 <= target <= h * w:
         raise ValueError(f"target must be in [1, h*w={h * w}], got {target}")
     rows = _row_count(h, w, target)
     q, rem = divmod(target, rows)
-    grid = torch.arange(h * w).view(h, w)  # (h, w) raster index of each source token
-    groups = []
-    for i in range(rows):
-        cells = q + ((i + 1) * rem // rows - i * rem // rows)
-        r0, r1 = i * h // rows, -(-(i + 1) * h // rows)
-        for j in range(cells):
-            c0, c1 = j * w // cells, -(-(j + 1) * w // cells)
-            groups.append(grid[r0:r1, c0:c1].reshape(-1))
-    assert len(groups) == target, (len(groups), target, rows)
-    return groups
+    i = torch.arange(rows)  # (r',) output rows
+    cells = q + ((i + 1) * rem // rows - i * rem // rows)  # (r',) cells of each output row
+    r0, r1 = i * h // rows, -(-(i + 1) * h // rows)  # (r',) source row bins
+    row = torch.repeat_interleave(i, cells)  # (target,) output row of each cell
+    j = torch.arange(target) - (torch.cumsum(cells, 0) - cells)[row]  # (target,) cell index inside its row
+    n = cells[row]  # (target,)
+    c0, c1 = j * w // n, -(-(j + 1) * w // n)  # (target,) source column bins
+    width = c1 - c0  # (target,)
+    sizes = (r1 - r0)[row] * width  # (target,) sources per cell
+    cell = torch.repeat_interleave(torch.arange(target), sizes)  # (S,) cell of each source entry
+    k = torch.arange(int(sizes.sum())) - (torch.cumsum(sizes, 0) - sizes)[cell]  # (S,) entry inside its cell
+    flat = (r0[row][cell] + k // width[cell]) * w + c0[cell] + k % width[cell]  # (S,) raster, row-major per cell
+    return flat, sizes
 
 
 def pool_grid(tokens: Tensor, *, h: int, w: int, target: int) -> tuple[Tensor, list[Tensor]]:
@@ -58,14 +68,14 @@ def pool_grid(tokens: Tensor, *, h: int, w: int, target: int) -> tuple[Tensor, l
     """
     if tokens.dim() != 2 or tokens.shape[0] != h * w:
         raise ValueError(f"tokens must be (h*w={h * w}, C), got shape {tuple(tokens.shape)}")
-    groups = pool_groups(h=h, w=w, target=target)
+    flat, sizes = pool_index(h=h, w=w, target=target)  # (S,), (target,)
+    groups = list(torch.split(flat, sizes.tolist()))
     if target == h * w:
         return tokens.clone(), groups
     acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-    sizes = torch.tensor([g.numel() for g in groups])  # (target,)
-    out_idx = torch.repeat_interleave(torch.arange(target), sizes)  # (sum sizes,)
+    out_idx = torch.repeat_interleave(torch.arange(target), sizes)  # (S,)
     weights = torch.zeros(target, h * w, dtype=acc)  # (target, h*w)
-    weights[out_idx, torch.cat(groups)] = 1.0 / sizes[out_idx].to(acc)
+    weights[out_idx, flat] = 1.0 / sizes[out_idx].to(acc)
     weights = weights.to(tokens.device)
     pooled = weights @ tokens.to(acc)  # (target, C)
     return pooled.to(tokens.dtype), groups
