@@ -33,6 +33,31 @@ from .hf_vlm import ENCODED_ATTR, feature_layer_index
 from .state import EncodeRecord
 
 
+def init_llava_family(adapter: HFVlmAdapter, model: nn.Module, *, strategy: str, why: str, vit: str) -> None:
+    """The LLaVA family's facts (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): inner model, ViT layers, heads and
+    scale, crop grid, feature layer, image and pad token; `strategy` the one `vision_feature_select_strategy`
+    supported (`why` says why, `vit` names the tower kind in the error)."""
+    adapter.base = model.model
+    adapter.config = model.config
+    tower = adapter.base.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    try:
+        adapter.layers = list(vm.encoder.layers)
+    except AttributeError as e:
+        raise ValueError(f"vision tower {type(tower).__name__} has no encoder.layers; vlmdrop expects {vit}") from e
+    attn = adapter.layers[0].self_attn
+    adapter.num_heads, adapter.scale = attn.num_heads, attn.scale
+    vcfg = adapter.config.vision_config
+    adapter.crop_hw = (vcfg.image_size // vcfg.patch_size,) * 2
+    if adapter.config.vision_feature_select_strategy != strategy:
+        raise ValueError(f"vision_feature_select_strategy={adapter.config.vision_feature_select_strategy!r}: "
+                         f"vlmdrop supports {strategy!r} ({why}) only")
+    adapter.feature_layer = feature_layer_index(adapter.config.vision_feature_layer, len(adapter.layers))
+    adapter.image_token_id = adapter.config.image_token_id
+    pad = getattr(adapter.config.text_config, "pad_token_id", None)
+    adapter.pad_token_id = pad if pad is not None else 0
+
+
 @register_adapter
 class LlavaAdapter(HFVlmAdapter):
     """LLaVA-1.5 and LLaVA-NeXT on the Hugging Face classes."""
@@ -49,27 +74,8 @@ class LlavaAdapter(HFVlmAdapter):
         super().__init__(model)
         from transformers import LlavaNextForConditionalGeneration
 
-        self.base = model.model
-        self.config = model.config
         self.is_next = isinstance(model, LlavaNextForConditionalGeneration)
-        tower = self.base.vision_tower
-        vm = getattr(tower, "vision_model", tower)
-        try:
-            self.layers = list(vm.encoder.layers)
-        except AttributeError as e:
-            raise ValueError(f"vision tower {type(tower).__name__} has no encoder.layers; "
-                             "vlmdrop expects a CLIP-style ViT") from e
-        attn = self.layers[0].self_attn
-        self.num_heads, self.scale = attn.num_heads, attn.scale
-        vcfg = self.config.vision_config
-        self.crop_hw = (vcfg.image_size // vcfg.patch_size,) * 2
-        if self.config.vision_feature_select_strategy != "default":
-            raise ValueError(f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
-                             "vlmdrop supports 'default' (CLS removed) only")
-        self.feature_layer = feature_layer_index(self.config.vision_feature_layer, len(self.layers))
-        self.image_token_id = self.config.image_token_id
-        pad = getattr(self.config.text_config, "pad_token_id", None)
-        self.pad_token_id = pad if pad is not None else 0
+        init_llava_family(self, model, strategy="default", why="CLS removed", vit="a CLIP-style ViT")
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:

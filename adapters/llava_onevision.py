@@ -37,7 +37,8 @@ from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
 from .base import HFVlmAdapter, ImageInput, Installation, register_adapter
-from .hf_vlm import ENCODED_ATTR, feature_layer_index
+from .hf_vlm import ENCODED_ATTR
+from .llava import init_llava_family
 from .state import EncodeRecord
 
 _NO_DOWNSAMPLING = "anyres_max_1000000"  # a packing that never down-samples: the full-resolution layout
@@ -76,26 +77,8 @@ class LlavaOnevisionAdapter(HFVlmAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.base = model.model
-        self.config = model.config
-        tower = self.base.vision_tower
-        vm = getattr(tower, "vision_model", tower)
-        try:
-            self.layers = list(vm.encoder.layers)
-        except AttributeError as e:
-            raise ValueError(f"vision tower {type(tower).__name__} has no encoder.layers; "
-                             "vlmdrop expects a SigLIP-style ViT") from e
-        attn = self.layers[0].self_attn
-        self.num_heads, self.scale = attn.num_heads, attn.scale
-        vcfg = self.config.vision_config
-        self.crop_hw = (vcfg.image_size // vcfg.patch_size,) * 2
-        if self.config.vision_feature_select_strategy != "full":
-            raise ValueError(f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
-                             "vlmdrop supports 'full' (SigLIP has no CLS token to remove) only")
-        self.feature_layer = feature_layer_index(self.config.vision_feature_layer, len(self.layers))
-        self.image_token_id = self.config.image_token_id
-        pad = getattr(self.config.text_config, "pad_token_id", None)
-        self.pad_token_id = pad if pad is not None else 0
+        init_llava_family(self, model, strategy="full", why="SigLIP has no CLS token to remove",
+                          vit="a SigLIP-style ViT")
 
     def install(self, vision: VisionMethod | None, llm: LLMMethod | None, handle: Any,
                 **options: Any) -> Installation:
