@@ -76,6 +76,8 @@ class LlavaAdapter(HFVlmAdapter):
 
         self.is_next = isinstance(model, LlavaNextForConditionalGeneration)
         init_llava_family(self, model, strategy="default", why="CLS removed", vit="a CLIP-style ViT")
+        # (n_crops, image size) -> the layout's index tensors (read-only, shared by every image of that size)
+        self._geometry: dict[tuple[int, tuple[int, int]], tuple[Any, ...]] = {}
 
     # -------------------------------------------------------------- encoding
     def encode(self, kw: dict) -> Any:
@@ -153,18 +155,28 @@ class LlavaAdapter(HFVlmAdapter):
             return ImageTokens(n_before=n_before, crop_of=torch.zeros(n_before, dtype=torch.long),
                                local_index=torch.arange(n_before), crop_hw=self.crop_hw, n_crops=1, cls_attn=cls_attn,
                                **features)
-        # Index tensors through the model's own packing: channel 0 = crop, channel 1 = patch index.
+        crop_of, local, base_region, grid = self._geometry_of(n_crops, size)
+        if crop_of.shape[0] != n_before:
+            raise AssertionError(f"layout has {crop_of.shape[0]} rows, features have {n_before}")
+        return ImageTokens(n_before=n_before, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw,
+                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region, grid_hw=grid, **features)
+
+    def _geometry_of(self, n_crops: int, size: tuple[int, int]) -> tuple[Any, ...]:
+        """(crop_of, local_index, base_region, grid_hw) of an image of `size` in `n_crops` crops, computed once
+        per size: index tensors through the model's own packing (channel 0 = crop, channel 1 = patch index)."""
+        key = (n_crops, tuple(size))
+        hit = self._geometry.get(key)
+        if hit is not None:
+            return hit
+        h, w = self.crop_hw
         crop = torch.arange(n_crops, dtype=torch.float64)[:, None].expand(n_crops, h * w)
         patch = torch.arange(h * w, dtype=torch.float64)[None, :].expand(n_crops, h * w)
         fake = torch.stack([crop, patch], dim=-1)  # (n_crops, h*w, 2)
         newline = torch.full((2,), -1.0, dtype=torch.float64)
         packed, _ = self.base.pack_image_features([fake], torch.tensor([size]), "default", image_newline=newline)
         packed = packed[0].round().long()  # (n_before, 2)
-        if packed.shape[0] != n_before:
-            raise AssertionError(f"layout has {packed.shape[0]} rows, features have {n_before}")
         crop_of, local = packed[:, 0], packed[:, 1]
-        base_region = None
-        grid = None
+        base_region = grid = None
         if n_crops > 1:
             gh, gw = self._grid(size)
             if gh * gw != n_crops - 1:
@@ -172,8 +184,10 @@ class LlavaAdapter(HFVlmAdapter):
             grid = (gh, gw)
             box = content_box_from_layout(crop_of, local, crop_hw=self.crop_hw, grid_hw=grid)
             base_region = base_region_map(crop_hw=self.crop_hw, grid_hw=grid, content_box=box)
-        return ImageTokens(n_before=n_before, crop_of=crop_of, local_index=local, crop_hw=self.crop_hw,
-                           n_crops=n_crops, cls_attn=cls_attn, base_region=base_region, grid_hw=grid, **features)
+        if len(self._geometry) >= 256:  # many distinct sizes: start over rather than grow without bound
+            self._geometry.clear()
+        self._geometry[key] = (crop_of, local, base_region, grid)
+        return crop_of, local, base_region, grid
 
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
