@@ -1,5 +1,6 @@
 """Adapters for Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL
-(`Qwen3VLForConditionalGeneration`): a CLS-free ViT over native-resolution patches, a 2x2 merger (four
+(`Qwen3VLForConditionalGeneration`), and Qwen3.5's vision stage (`Qwen3_5ForConditionalGeneration`, Qwen3-VL's
+vision path without DeepStack; no LLM-stage methods on its hybrid linear-attention LLM): a CLS-free ViT over native-resolution patches, a 2x2 merger (four
 patches -> one LLM token), M-RoPE positions, and for Qwen3-VL DeepStack features.
 
 Where things are taken:
@@ -417,4 +418,15 @@ class Qwen3VLAdapter(_QwenVLAdapter):
         return new
 
 
-__all__ = ["Qwen2_5_VLAdapter", "Qwen3VLAdapter", "ReceivedCapture"]
+@register_adapter
+class Qwen3_5Adapter(Qwen3VLAdapter):
+    """Qwen3.5: Qwen3-VL's vision path (no DeepStack), so every vision-stage method; its LLM alternates Gated
+    DeltaNet linear-attention and full-attention layers, so the LLM-stage methods (which rebuild the attention
+    of every layer after the drop) are refused."""
+
+    supported = ("Qwen3_5ForConditionalGeneration",)
+    model_class = "Qwen3_5ForConditionalGeneration"
+    supports_llm_stage = False
+
+
+__all__ = ["Qwen2_5_VLAdapter", "Qwen3VLAdapter", "Qwen3_5Adapter", "ReceivedCapture"]

@@ -80,7 +80,7 @@ def _assign_rows(input_ids: torch.Tensor, token: int, sizes: list[int]) -> list[
     return samples
 
 
-QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl")
+QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
 def _qwen_image_refs(model: nn.Module, inputs: dict) -> list[ImageRef]:

@@ -248,3 +248,40 @@ def test_hired_on_a_single_crop_spends_the_whole_budget_on_its_top_tokens():
         assert s.crop_budgets == [k] and s.n_kept == k  # alpha has no sub-images to act on
         top = torch.topk(im.cls_attn["feature"][0].sum(0), k).indices.sort().values
         assert torch.equal(s.kept_indices, top)
+
+
+@pytest.mark.parametrize("method,params", [("hired", {"budget": 0.3}), ("visionzip", {"budget": 9, "ratio": 1.0}),
+                                           ("pool", {"budget": 0.3}), ("random", {"budget": 7, "seed": 2}),
+                                           ("globalcom2", {"budget": 0.25})])
+def test_qwen3_5_vision_stage(method, params):
+    """Qwen3.5 (Qwen3-VL's vision path, hybrid linear-attention LLM): identity at budget 1.0, exact counts, the
+    hand-built reference (kept rows at their original M-RoPE positions), generate, a clean removal."""
+    model, proc = get_model("qwen3_5")
+    inputs = _inputs(proc)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        with vlmdrop.dropping(model, method, **{**params, "budget": 1.0}):
+            assert torch.equal(model(**inputs).logits, ref_logits)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False), ref_gen)
+        with vlmdrop.dropping(model, method, **params) as h:
+            logits = model(**inputs).logits
+            gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        images = image_refs(model, inputs)
+        stats = list(h.stats.images)
+        for s, im in zip(stats, images):
+            b = params["budget"]
+            n = im.rows.shape[0]
+            assert s.n_before == n and s.n_kept == (max(1, round(b * n)) if isinstance(b, float) else min(b, n))
+        for b in range(logits.shape[0]):
+            ref = qwen_sample_reference(model, inputs, b, images, stats, n_new=3)
+            n = ref.logits.shape[0]
+            torch.testing.assert_close(logits[b, -n:], ref.logits, atol=1e-4, rtol=1e-4)
+            assert gen[b, inputs["input_ids"].shape[1]:].tolist() == ref.tokens
+        assert torch.equal(model(**inputs).logits, ref_logits)  # removed
+
+
+def test_qwen3_5_refuses_llm_stage_methods():
+    model, _ = get_model("qwen3_5")
+    with pytest.raises(ValueError, match="does not support LLM-stage methods"):
+        vlmdrop.apply(model, "fastv", layer=2, keep=0.5)

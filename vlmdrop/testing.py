@@ -291,3 +291,32 @@ def tiny_qwen3_vl(*, seed: int = 0, patch_size: int = 8, vision_layers: int = 3,
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn_implementation)
     return model, _qwen_processor(Qwen3VLProcessor, tokenizer, patch_size=patch_size, max_tokens=max_tokens)
+
+
+def tiny_qwen3_5(*, seed: int = 0, patch_size: int = 8, vision_layers: int = 3, text_layers: int = 4,
+                 max_tokens: int = 48, attn_implementation: str = "sdpa"):
+    """A random-weight `Qwen3_5ForConditionalGeneration` (Qwen3-VL's vision path without DeepStack; a hybrid LLM
+    whose layers alternate Gated DeltaNet linear attention and full attention, partial interleaved M-RoPE) and
+    its `Qwen3VLProcessor`."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+
+    tokenizer = build_qwen_tokenizer()
+    vision = {"depth": vision_layers, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+              "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+              "num_position_embeddings": 16}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+            "layer_types": ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+            "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4, "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    config = Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, _qwen_processor(Qwen3VLProcessor, tokenizer, patch_size=patch_size, max_tokens=max_tokens)
