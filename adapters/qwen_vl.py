@@ -1,7 +1,8 @@
 """Adapters for Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL
-(`Qwen3VLForConditionalGeneration`), and Qwen3.5's vision stage (`Qwen3_5ForConditionalGeneration`, Qwen3-VL's
-vision path without DeepStack; no LLM-stage methods on its hybrid linear-attention LLM): a CLS-free ViT over native-resolution patches, a 2x2 merger (four
-patches -> one LLM token), M-RoPE positions, and for Qwen3-VL DeepStack features.
+(`Qwen3VLForConditionalGeneration`), and Qwen3.5's vision stage (`Qwen3_5ForConditionalGeneration`,
+Qwen3-VL's vision path without DeepStack; no LLM-stage methods on its hybrid linear-attention LLM): a CLS-free
+ViT over native-resolution patches, a 2x2 merger (four patches -> one LLM token), M-RoPE positions, and for
+Qwen3-VL DeepStack features.
 
 Where things are taken:
 * Tokens are dropped **after the merger**: each image is one crop, its LLM-token grid (h/2 x w/2 of its

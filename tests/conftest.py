@@ -69,9 +69,9 @@ def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
     model configured differently from the shared one.
 
     Families: "llava", "llava_next", "internvl", "internvl_qknorm" (qk-norm ViT), "qwen2_5_vl", "qwen3_vl"
-    (M-RoPE; windowed ViT / DeepStack), "qwen3_5" (Qwen3-VL's ViT, hybrid linear-attention LLM), with `TEXT_LAYERS` decoder
-    layers; open_clip towers "open_clip", "open_clip_qknorm" (qk-norm, avg pool), "open_clip_rn" (ResNet:
-    unsupported) with processor None (their attention is their own: pass attn="native").
+    (M-RoPE; windowed ViT / DeepStack), "qwen3_5" (Qwen3-VL's ViT, hybrid linear-attention LLM), with
+    `TEXT_LAYERS` decoder layers; open_clip towers "open_clip", "open_clip_qknorm" (qk-norm, avg pool),
+    "open_clip_rn" (ResNet: unsupported) with processor None (their attention is their own: pass attn="native").
     """
     key = (family, attn, dtype, tuple(sorted(config.items())))
     if key not in _CACHE:

@@ -105,7 +105,7 @@ def test_scores_are_the_attention_received_at_a_full_attention_block(which):
     inputs = _inputs(proc)
     adapter = adapter_for(model)
     full = adapter.full_attention_blocks()
-    with vlmdrop.dropping(model, "hired", budget=0.3, first_layer=0) as h:
+    with vlmdrop.dropping(model, "hired", budget=0.3, first_layer=0):
         with torch.no_grad():
             out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         images = [getattr(f, ENCODED_ATTR) for f in out.pooler_output]
