@@ -167,7 +167,7 @@ def _stats_key(images) -> list[tuple]:
 GRID_SIZES = {"llava": [(60, 130), (90, 50), (56, 56)],  # 16 tokens each
               "llava_next": [(60, 130), (90, 50), (56, 56)],  # 52, 56, 36 tokens (grids 1x3, 2x1, 1x2)
               "internvl": [(60, 130), (56, 56), (50, 300)],  # 3, 1, 7 tiles -> 48, 16, 112 tokens
-              **{f: [(60, 130), (90, 50), (40, 70)] for f in QWEN_FAMILIES}}  # grids 4x8, 6x3, 3x5 tokens
+              **{f: [(60, 130), (90, 50), (40, 70)] for f in QWEN_FAMILIES}}  # grids 4x8, 6x3, 2x4 tokens
 GRID_PROMPTS = ["USER: <image>\nwhat is the shape ? and <image>\nthe colour ? ASSISTANT:",
                 "USER: what color is this ? ASSISTANT:",
                 "USER: <image>\nis there a red circle in the picture ? ASSISTANT:"]

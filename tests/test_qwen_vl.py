@@ -20,7 +20,7 @@ from vlmdrop.testing import QWEN_IMAGE
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 PROMPT = f"USER: {QWEN_IMAGE}\nwhat is the shape ? ASSISTANT:"
 TWO = f"USER: what is this ? {QWEN_IMAGE}\nand {QWEN_IMAGE}\nthe colour ? ASSISTANT:"
-SIZES = [(60, 130), (90, 50), (40, 70)]  # LLM grids 4x8, 6x3, 3x5
+SIZES = [(60, 130), (90, 50), (40, 70)]  # LLM grids 4x8, 6x3, 2x4
 
 
 def _inputs(proc, sizes=SIZES, prompts=(TWO, PROMPT)):
@@ -285,3 +285,22 @@ def test_qwen3_5_refuses_llm_stage_methods():
     model, _ = get_model("qwen3_5")
     with pytest.raises(ValueError, match="does not support LLM-stage methods"):
         vlmdrop.apply(model, "fastv", layer=2, keep=0.5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_beams_follows_the_expanded_images(family):
+    """`generate(num_beams=2, num_return_sequences=2)` repeats the encoded images (and DeepStack rows) per beam:
+    identity at budget 1.0, and each copy of an image keeps its exact count."""
+    model, proc = get_model(family)
+    inputs = _inputs(proc)
+    kw = {"max_new_tokens": 3, "num_beams": 2, "num_return_sequences": 2, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(**inputs, **kw)
+        with vlmdrop.dropping(model, "visionzip", budget=1.0):
+            assert torch.equal(model.generate(**inputs, **kw), ref)
+        with vlmdrop.dropping(model, ["hired", "fastv"], hired={"budget": 0.3}, fastv={"keep": 0.5}) as h:
+            out = model.generate(**inputs, **kw)
+    assert out.shape[0] == 4
+    n = [im.rows.shape[0] for im in image_refs(model, inputs)]  # 32, 18 (row 0), 8 (row 1)
+    expect = [round(0.5 * round(0.3 * k)) for k in (n[0], n[1], n[0], n[1], n[2], n[2])]
+    assert [s.n_kept for s in h.stats.images] == [max(1, e) for e in expect]
