@@ -5,7 +5,8 @@ What a Hugging Face VLM adapter (`HFVlmAdapter`, one file per family) must provi
  2. `base` (the inner `*Model`, with `get_image_features`, `multi_modal_projector`, `language_model`).
  3. `image_token_id`, `pad_token_id`: the placeholder token and the id used to re-pad compacted rows.
  4. ViT facts: `layers` (encoder layers), `attention_attr` and `qk_names` (the attention module and the
-    submodules whose outputs are its queries/keys), `num_heads`, `scale`, `feature_layer` (0-based).
+    submodules whose outputs are its queries/keys), `num_heads`, `scale`, `feature_layer` (0-based),
+    `has_cls` (whether position 0 is a CLS token: a method's `score="auto"` is then "cls", else "received").
  5. `recorded_arg`: the `get_image_features` argument handed to `on_encoded` (`image_sizes`, `pixel_values`).
  6. `encode(kw)`: run the model's own `get_image_features` as its forward would.
  7. `on_encoded(out, arg, record)`: attach to `out` what the encode's captures recorded (`EncodeRecord`).
@@ -93,7 +94,9 @@ class HFVlmAdapter(Adapter):
     supports_llm_stage: ClassVar[bool] = True
     attention_attr: ClassVar[str] = "self_attn"
     qk_names: ClassVar[tuple[str, str]] = ("q_proj", "k_proj")
-    recorded_arg: ClassVar[str] = "image_sizes"
+    recorded_arg: ClassVar[str | tuple[str, ...]] = "image_sizes"  # a tuple: `on_encoded` gets a dict of them
+    #: whether the ViT's position 0 is a CLS token (a method's score="auto" resolves to "cls" or "received")
+    has_cls: ClassVar[bool] = True
 
     #: instance attributes `__init__` must set (checked at install, naming the missing ones)
     REQUIRED = ("base", "layers", "num_heads", "scale", "feature_layer", "image_token_id", "pad_token_id")
@@ -145,7 +148,8 @@ class HFVlmAdapter(Adapter):
 
     @abstractmethod
     def on_encoded(self, out: Any, arg: Any, record: Any) -> None:
-        """Called inside every `get_image_features` call with its output, its `recorded_arg` argument and
+        """Called inside every `get_image_features` call with its output, its `recorded_arg` argument (a dict
+        name -> value when `recorded_arg` is a tuple of names) and
         the `EncodeRecord` its captures filled; attaches what `images` will need to `out`."""
 
     @abstractmethod

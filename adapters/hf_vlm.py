@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from vlmdrop.interface import LLMMethod, VisionMethod
+from vlmdrop.ops.attention import resolve_score
 
 from .base import HFVlmAdapter, Installation
 from .llm_stage import LLMStageEngine
@@ -42,7 +43,8 @@ ENCODED_ATTR = "_vlmdrop_encoded"
 @functools.cache
 def recording_class(cls: type, arg: str) -> type:
     """A subclass of `cls` whose `get_image_features` is run by the instance's sink as
-    `sink(run, <arg>)`, `run()` being the original call (so the sink can bracket it)."""
+    `sink(run, <arg>)`, `run()` being the original call (so the sink can bracket it); `arg` a tuple of
+    names: `sink(run, {name: value})`."""
 
     sig = inspect.signature(cls.get_image_features)
 
@@ -52,8 +54,9 @@ def recording_class(cls: type, arg: str) -> type:
         sink = self.__dict__.get("_vlmdrop_sink")
         if sink is None:
             return super(sub, self).get_image_features(*args, **kwargs)
-        return sink(lambda: super(sub, self).get_image_features(*args, **kwargs),
-                    sig.bind_partial(self, *args, **kwargs).arguments.get(arg))
+        bound = sig.bind_partial(self, *args, **kwargs).arguments
+        value = {a: bound.get(a) for a in arg} if isinstance(arg, tuple) else bound.get(arg)
+        return sink(lambda: super(sub, self).get_image_features(*args, **kwargs), value)
 
     sub = type(cls.__name__, (cls,), {"get_image_features": get_image_features, "__module__": cls.__module__,
                                       "__qualname__": cls.__qualname__, "_vlmdrop_original": cls})
@@ -94,13 +97,17 @@ class _Encoder:
 
 
 def cls_captures(adapter: HFVlmAdapter, vision: VisionMethod) -> list[ClsRowCapture | FeatureCapture]:
-    """The captures of a ViT with a CLS token: its CLS rows from q/k hooks, and (for new rows) the feature
-    layer's keys and the projector's input."""
+    """The captures of a ViT whose q/k projections are submodules: per role its CLS row or the attention each
+    patch receives (the method's `score`, resolved against `has_cls`) from q/k hooks, and (for new rows) the
+    feature layer's keys and the projector's input."""
     q_name, k_name = adapter.qk_names
     roles = vision.vit_layers(len(adapter.layers), adapter.feature_layer)
+    score = resolve_score(vision.score, has_cls=adapter.has_cls,
+                          tower=f"vision tower of {type(adapter.model).__name__}")
     captures: list[ClsRowCapture | FeatureCapture] = [
         ClsRowCapture({r: adapter.attention(i) for r, i in roles.items()}, num_heads=adapter.num_heads,
-                      scale=adapter.scale, q_name=q_name, k_name=k_name, logit_roles=vision.config.logit_roles)]
+                      scale=adapter.scale, q_name=q_name, k_name=k_name, logit_roles=vision.config.logit_roles,
+                      score=score)]
     needs = set(vision.config.needs)
     if needs:  # feature-layer keys and the projector's input, for new (merged / pooled) rows
         keys = getattr(adapter.attention(adapter.feature_layer), k_name)

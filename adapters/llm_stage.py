@@ -374,25 +374,30 @@ class LLMStageEngine:
             where_prev = prev.where.to(device)  # (B, L)
         else:
             where_prev = torch.arange(length, device=device).expand(b, length)  # (B, L)
-        changed = False
+        todo = []  # (image, n_keep) of the images that lose tokens here
         for im in fwd.images:
             im.layer_tokens.extend([int(im.present.numel())] * (k - len(im.layer_tokens)))
             n_present = int(im.present.numel())
             if n_present == 0:
                 continue
             n_keep = self.method.n_keep(stage_idx, int(im.span.positions.numel()), n_present)
-            if n_keep >= n_present:
-                continue
-            pos = im.span.positions.to(device)[im.present]  # (n_present,) prefill positions
-            s = scores[im.span.sample, where_prev[im.span.sample, pos]]  # (n_present,)
-            keep = self.method.select(s, n_keep).to(device)  # (n_keep,) indices into present
-            gone = torch.ones(n_present, dtype=torch.bool, device=device)
-            gone[keep] = False
-            alive[im.span.sample, pos[gone]] = False
-            im.present = im.present[keep]
-            changed = True
-        if not changed:
+            if n_keep < n_present:
+                todo.append((im, n_keep))
+        if not todo:
             return args, kwargs
+        # One segmented top-k over every image that loses tokens (each image one segment).
+        lengths = [int(im.present.numel()) for im, _ in todo]
+        pos = torch.cat([im.span.positions.to(device)[im.present.to(device)] for im, _ in todo])  # (P,) prefill pos
+        row = torch.repeat_interleave(torch.tensor([im.span.sample for im, _ in todo], device=device),
+                                      torch.tensor(lengths, device=device))  # (P,) batch row of each
+        s = scores.to(device)[row, where_prev[row, pos]]  # (P,) scores of the present tokens
+        chosen = self.method.select(s, torch.tensor(lengths, device=device),
+                                    torch.tensor([n for _, n in todo], device=device))  # (sum n_keep,)
+        kept = torch.zeros(pos.numel(), dtype=torch.bool, device=device)  # (P,)
+        kept[chosen.to(device)] = True
+        alive[row[~kept], pos[~kept]] = False
+        for (im, _), keep in zip(todo, torch.split(kept, lengths)):
+            im.present = im.present[keep.to(im.present.device)]
         # Keep every row as it was when dropped, for the final re-expansion to full length.
         if prev is None:
             fwd.full = hidden  # (B, L, D)

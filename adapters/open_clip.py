@@ -29,10 +29,11 @@ from torch.utils.hooks import RemovableHandle
 
 from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
 from vlmdrop.methods.select import select_images
-from vlmdrop.ops.attention import cls_attention_from_projections
+from vlmdrop.ops.attention import resolve_score
 from vlmdrop.stats import DropStats
 
 from .base import Adapter, Installation, register_adapter
+from .vision_capture import saliency_from_projections
 
 _TOWER_ATTR = "_vlmdrop_tower_handle"  # on the tower instance while a method is applied (for kept_tokens)
 
@@ -51,12 +52,12 @@ def _tower(model: nn.Module) -> nn.Module:
 class _BlockCapture:
     """CLS attention row and head-averaged keys of one block, from its attention module's input."""
 
-    def __init__(self, attn: nn.Module, *, batch_first: bool) -> None:
+    def __init__(self, attn: nn.Module, *, batch_first: bool, score: str = "cls") -> None:
         if getattr(attn, "in_proj_weight", None) is None:
             raise ValueError(f"{type(attn).__name__} has no packed in_proj_weight; cannot score with it")
         if getattr(attn, "logit_scale", None) is not None:
             raise ValueError("open_clip towers with scaled cosine attention are not supported")
-        self.attn, self.batch_first = attn, batch_first
+        self.attn, self.batch_first, self.score = attn, batch_first, score
         self.num_heads = int(attn.num_heads)
         self.head_dim = attn.in_proj_weight.shape[1] // self.num_heads
         self.cls_row: torch.Tensor | None = None
@@ -72,14 +73,14 @@ class _BlockCapture:
         wq, wk = w[:c], w[c:2 * c]
         bq, bk = (None, None) if bias is None else (bias[:c], bias[c:2 * c])
         with torch.no_grad():
-            q = nn.functional.linear(x[:, :1], wq, bq)  # (B, 1, C) CLS query
+            q = nn.functional.linear(x if self.score == "received" else x[:, :1], wq, bq)  # (B, 1 or T, C)
             k = nn.functional.linear(x, wk, bk)  # (B, T, C)
             ln_q, ln_k = getattr(self.attn, "ln_q", None), getattr(self.attn, "ln_k", None)
             if isinstance(ln_q, nn.Module) and not isinstance(ln_q, nn.Identity):  # qk-norm, per head
-                q = ln_q(q.view(b, 1, self.num_heads, -1)).flatten(2)
+                q = ln_q(q.view(b, q.shape[1], self.num_heads, -1)).flatten(2)
                 k = ln_k(k.view(b, t, self.num_heads, -1)).flatten(2)
-            self.cls_row = cls_attention_from_projections(q, k, num_heads=self.num_heads,
-                                                          scale=self.head_dim ** -0.5)  # (B, H, T)
+            self.cls_row = saliency_from_projections(q, k, score=self.score, num_heads=self.num_heads,
+                                                     scale=self.head_dim ** -0.5)  # (B, H, T)
             self.keys = k.view(b, t, self.num_heads, -1).mean(dim=2)  # (B, T, Dh)
 
     def remove(self) -> None:
@@ -191,6 +192,7 @@ class OpenClipAdapter(Adapter):
                              "and block layer-1 scores them")
         layer %= n_layers
         roles = method.vit_layers(n_layers, layer - 1)
+        score = resolve_score(method.score, has_cls=True, tower="open_clip tower")
         late = {r: i for r, i in roles.items() if i >= layer}
         if late:
             raise ValueError(f"scoring layers {late} must come before layer={layer}, where tokens are dropped")
@@ -198,7 +200,7 @@ class OpenClipAdapter(Adapter):
         captures: dict[int, _BlockCapture] = {}
         try:
             for i, attn in attn_of.items():
-                captures[i] = _BlockCapture(attn, batch_first=self.batch_first)
+                captures[i] = _BlockCapture(attn, batch_first=self.batch_first, score=score)
             if "vit_keys" in method.config.needs and "feature" not in roles:
                 raise ValueError(f"method {method.config.name!r} needs keys but scores no feature layer")
             inst = Installation(self)

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmdrop import kernels
 from vlmdrop.interface import LLMMethod, VisionMethod
 from vlmdrop.methods.select import select_images
-from vlmdrop.ops.compact import compact_positions, extend_mask, gather_positions, gather_rows, plan_compaction
+from vlmdrop.ops.compact import extend_mask, gather_positions, plan_compaction
 from vlmdrop.stats import ImageStats
 
 from .base import HFVlmAdapter, ImageInput
@@ -151,37 +152,37 @@ class PrefillHook:
         input_ids = kw["input_ids"]  # (B, L)
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         keep[rows, cols] = False
-        plan = plan_compaction(keep)
         l_orig = input_ids.shape[1]
         mask = kw.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"vlmdrop needs a 2-D attention_mask, got shape {tuple(mask.shape)}")
         original = self.adapter.vision_positions == "original"
-        rope_deltas = None
-        if original:
-            pos = self.adapter.prefill_positions(kw)  # (B, L), (3, B, L) or (4, B, L): the unmodified model's
+        pos = kw.get("position_ids")
+        rope_deltas, mrope = None, None
+        if original:  # (B, L), (3, B, L) or (4, B, L): the positions the unmodified model would use
+            mrope = self.adapter.prefill_positions(kw)
             rope_deltas = getattr(self.adapter.base, "rope_deltas", None)
-        else:
-            pos = kw.get("position_ids")
-            if pos is None:
-                pos = torch.arange(l_orig, device=input_ids.device)[None]  # (1, L) what the model would use
-            elif pos.dim() != 2:
-                raise ValueError(f"vlmdrop needs 2-D position_ids, got shape {tuple(pos.shape)}")
-        kw["input_ids"] = gather_rows(input_ids, plan, fill=self.adapter.pad_token_id)  # (B, L')
-        base_mask = mask if mask is not None else torch.ones_like(input_ids)
-        new_mask = gather_rows(base_mask, plan, fill=0)  # (B, L')
-        mask_needed = not bool(plan.valid.all())
+            pos = None  # the kernel's renumbered positions are not used
+        elif pos is not None and pos.dim() != 2:
+            raise ValueError(f"vlmdrop needs 2-D position_ids, got shape {tuple(pos.shape)}")
+        # ids, mask and positions in one launch (vlmdrop.kernels.compact_rows); the ids ride as a (B, L, 1) row
+        ids, valid, new_pos = kernels.compact_rows(input_ids[..., None], keep, position_ids=pos, attention_mask=mask,
+                                                   fill=self.adapter.pad_token_id)
+        kw["input_ids"] = ids[..., 0]  # (B, L')
+        new_mask = valid.to(mask.dtype if mask is not None else torch.long)  # (B, L') the caller's mask dtype
+        removed = l_orig - keep.sum(dim=1)  # (B,)
+        mask_needed = bool((removed != removed.min()).any())  # rows lost different counts: new left padding
         kw["attention_mask"] = new_mask if (mask is not None or mask_needed) else None
-        if original:
-            kw["position_ids"] = gather_positions(pos, plan, columns=pos_cols)  # (..., B, L')
+        if original:  # the kept tokens' own positions, gathered into the same right-aligned slots
+            kw["position_ids"] = gather_positions(mrope, plan_compaction(keep), columns=pos_cols)  # (..., B, L')
         else:
-            kw["position_ids"] = compact_positions(pos, plan)  # (B, L')
+            kw["position_ids"] = new_pos  # (B, L')
         if kw.get("mm_token_type_ids") is not None:
-            kw["mm_token_type_ids"] = gather_rows(kw["mm_token_type_ids"], plan, fill=0)
+            kw["mm_token_type_ids"] = kernels.compact_rows(kw["mm_token_type_ids"][..., None], keep, fill=0)[0][..., 0]
         if kw.get("labels") is not None:
-            kw["labels"] = gather_rows(kw["labels"], plan, fill=-100)
-        call.cache.vision = VisionDecode(orig_len=l_orig, new_len=plan.length, prefix_mask=new_mask,
-                                         removed=plan.removed, mask_needed=mask_needed,
+            kw["labels"] = kernels.compact_rows(kw["labels"][..., None], keep, fill=-100)[0][..., 0]
+        call.cache.vision = VisionDecode(orig_len=l_orig, new_len=ids.shape[1], prefix_mask=new_mask,
+                                         removed=removed, mask_needed=mask_needed,
                                          positions=self.adapter.vision_positions, rope_deltas=rope_deltas)
 
     def _spans(self, input_ids: torch.Tensor, kept: list[ImageStats] | None, counts: list[int],

@@ -50,6 +50,7 @@ from torch import nn
 
 from vlmdrop.interface import ImageTokens, LLMMethod, VisionMethod
 from vlmdrop.kernels import attention_received
+from vlmdrop.ops.attention import resolve_score
 
 from .base import HFVlmAdapter, ImageInput, Installation, register_adapter
 from .hf_vlm import ENCODED_ATTR
@@ -158,7 +159,7 @@ class _QwenVLAdapter(HFVlmAdapter):
     attention_attr = "attn"
     recorded_arg = "image_grid_thw"
     vision_positions = "original"
-    #: no CLS token: a method's score="auto" (issue 15's option) is the attention received; "cls" is refused
+    #: no CLS token: a method's score="auto" is the attention received; score="cls" is refused
     has_cls: ClassVar[bool] = False
     model_class: ClassVar[str] = ""
 
@@ -218,10 +219,8 @@ class _QwenVLAdapter(HFVlmAdapter):
         return chosen
 
     def captures(self, vision: VisionMethod) -> list[Any]:
-        score = getattr(vision.config, "score", "auto")
-        if score not in ("auto", "received"):
-            raise ValueError(f"score={score!r}: the vision tower of {type(self.model).__name__} has no CLS token; "
-                             "its tokens are scored by the attention they receive (score='received' or 'auto')")
+        resolve_score(vision.score, has_cls=self.has_cls,  # "auto" / "received": the attention received
+                      tower=f"vision tower of {type(self.model).__name__}")
         roles = vision.vit_layers(len(self.layers), self.feature_layer)
         needs = set(vision.config.needs)
         return [ReceivedCapture({r: self.layers[self.score_block(i)] for r, i in roles.items()},

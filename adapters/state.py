@@ -36,10 +36,12 @@ class EncodeRecord:
     that consumes the output finds it there.
 
     Attributes:
-        cls_rows: role -> (crops, H, 1 + N) CLS attention row (or pre-softmax logits) of that ViT layer.
-        keys: (crops, 1 + N, Dh) the feature layer's keys, averaged over heads; None = not captured.
+        cls_rows: role -> (crops, H, T) saliency row of that ViT layer over its T tokens (CLS first when the
+            tower has one): the CLS attention row (or its pre-softmax logits), or the attention received.
+        keys: (crops, T, Dh) the feature layer's keys, averaged over heads; None = not captured.
         hidden: (crops, N', C) the projector's input; None = not captured.
-        queries: role -> (crops, D) CLS query waiting for its layer's keys.
+        queries: role -> (crops, D) CLS query, or (crops, T, D) every query ("received"), waiting for its
+            layer's keys.
     """
 
     cls_rows: dict[str, torch.Tensor] = field(default_factory=dict)

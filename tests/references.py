@@ -141,8 +141,9 @@ def image_refs(model: nn.Module, inputs: dict) -> list[ImageRef]:
 
     hook = mm.multi_modal_projector.register_forward_pre_hook(grab)
     kw = {"pixel_values": inputs["pixel_values"]}
-    if "image_sizes" in inputs:
-        kw["image_sizes"] = inputs["image_sizes"]
+    for name in ("image_sizes", "batch_num_images"):
+        if name in inputs:
+            kw[name] = inputs[name]
     try:
         with torch.no_grad():
             feats = mm.get_image_features(**kw, return_dict=True).pooler_output
@@ -175,6 +176,28 @@ def image_refs(model: nn.Module, inputs: dict) -> list[ImageRef]:
         if not isinstance(pres, (list, tuple)):  # one concatenated tensor: split by the packed lengths
             lens = [int(f.shape[0]) for f in feats]
             pres, marks = list(torch.split(pres, lens)), list(torch.split(marks, lens))
+        rows = list(feats)
+        contents = [m[:, 0] > 0 for m in marks]
+        crops = n_crops
+    elif kind == "llava_onevision":  # the model's own packing (unpad, bilinear down-sampling, newline rows)
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        cfg = model.config
+        sizes = inputs["image_sizes"]
+        per_sample = inputs.get("batch_num_images")
+        patched = ([True] * len(sizes) if per_sample is None
+                   else [int(n) == 1 for n in per_sample for _ in range(int(n))])  # multi-image: one crop each
+        n_crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                             patch_size=cfg.vision_config.image_size) if p else 1
+                   for s, p in zip(sizes, patched)]
+        per_image = list(torch.split(pre, n_crops))
+        zero = torch.zeros(pre.shape[-1], dtype=pre.dtype)
+        with torch.no_grad():
+            pres, _ = mm.pack_image_features(per_image, sizes, image_newline=zero,
+                                             vision_aspect_ratio=cfg.vision_aspect_ratio)
+            ones = [torch.ones_like(p[..., :1]) for p in per_image]
+            marks, _ = mm.pack_image_features(ones, sizes, image_newline=zero[:1],
+                                              vision_aspect_ratio=cfg.vision_aspect_ratio)
         rows = list(feats)
         contents = [m[:, 0] > 0 for m in marks]
         crops = n_crops

@@ -33,6 +33,11 @@ def test_bench_quick_json_records(capsys):
         assert r["lm_s_full"] > 0 and r["vision_s_full"] > 0 and r["vision_s"] > 0 and r["lm_s"] > 0
         # HiRED scores in the vision stage; FastV has no vision-stage score (null, never a number)
         assert (r["score_pct_of_vision"] is None) == (r["method"] == "fastv"), r
+        # the method's own scoring, timed on its real hooks: HiRED two CLS rows (first and feature layer), FastV
+        # one last-token row (layer K-1); each compared with as many reference computations of the same rows
+        assert r["score_rows"] == {"hired": 2, "fastv": 1}[r["method"]], r
+        assert r["score_s"] > 0 and r["ref_s"] > 0 and r["ref_ratio"] == pytest.approx(r["ref_s"] / r["score_s"])
+        assert r["ref_kind"] == {"hired": "N x N from q/k", "fastv": "eager layer re-run"}[r["method"]]
         assert r["ref_official_qk_pct_of_vision"] > 0 and r["ref_eager_layer_pct_of_vision"] > 0
         # not measured: CPU without --memory has no peak memory
         assert r["peak_mem_mb"] is None and r["peak_mem_mb_full"] is None
@@ -47,13 +52,16 @@ def test_bench_markdown_dashes_for_unmeasured(capsys):
     assert lines[0].startswith("| shape | method | budget |") and len(lines) == 5
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:4] == ["tiny", "visionzip", "0.25", "4 / 16"]
-    float(cells[10])  # score % of vision: measured
-    assert cells[11:13] == ["-", "-"]  # peak MB full, peak MB: not measured without --memory on CPU
+    float(cells[10]), float(cells[11])  # score % of vision, score ms: measured
+    assert cells[12].endswith("x") and float(cells[12][:-1]) > 0  # reference / score
+    assert cells[13:15] == ["-", "-"]  # peak MB full, peak MB: not measured without --memory on CPU
     assert lines[4].startswith("tiny: 16 visual tokens") and "HiRED official" in lines[4]
 
 
 def test_bench_cpu_memory_fresh_subprocess(capsys):
     (r,) = _bench(capsys, "--methods", "random", "--budgets", "0.5", "--repeat", "1", "--memory")
+    # random scores nothing: no score rows, zero scoring time, no reference ratio
+    assert (r["score_rows"], r["score_s"], r["score_pct_of_vision"], r["ref_ratio"]) == (0, 0.0, 0.0, None)
     assert r["peak_mem_mb_full"] > 50 and r["peak_mem_mb"] > 50  # peak RSS of a process that imported torch
 
 
@@ -76,3 +84,16 @@ def test_real_shapes_have_real_token_counts(name, tokens):
 def test_bench_usage_errors(capsys, argv, msg):
     assert main(["bench", "--shapes", "tiny", *argv]) == 2
     assert f"vlmdrop bench: error: {msg}" in capsys.readouterr().err
+
+
+def test_bench_kernels_cpu_times_the_fallbacks(capsys, monkeypatch):
+    import vlmdrop.bench as bench
+
+    monkeypatch.setenv("VLMDROP_KERNELS", "auto")
+    recs = bench.kernel_bench(device="cpu", repeat=1)
+    assert [r["kernel"].split()[0] for r in recs] == ["compact_rows", "segmented_topk", "attention_received"]
+    for r in recs:  # no CUDA: the fallback timed, the Triton path not run (never a made-up number)
+        assert r["torch_ms"] > 0 and r["triton_ms"] is None and r["equal"] is None
+    import os
+
+    assert os.environ["VLMDROP_KERNELS"] == "auto"  # restored

@@ -133,3 +133,20 @@ def test_stitched_crop_boxes_brute_force(seed):
 def test_stitched_crop_boxes_errors_carry_values():
     with pytest.raises(ValueError, match="2x2 does not hold the 3"):
         stitched_crop_boxes([torch.tensor([0])] * 3, crop_hw=(2, 2), grid_hw=(2, 2))
+
+
+def test_crop_token_scores_on_a_sub_grid_reads_the_resized_map_at_its_rows_and_cols():
+    """LLaVA-OneVision's anchors: a crop's tokens on stitched rows (0, 2) and cols (1, 3) of a 4x4 box."""
+    from vlmdrop.ops.globalcom2 import stitched_crop_grids
+
+    g = torch.Generator().manual_seed(0)
+    thumb, local = torch.rand(4, 4, generator=g), torch.rand(4, generator=g)
+    (full, rows, cols), = stitched_crop_grids([torch.tensor([1, 3, 9, 11])], crop_hw=(4, 4), grid_hw=(1, 1)).values()
+    assert full == (3, 3) and rows.tolist() == [0, 2] and cols.tolist() == [0, 2]
+    rows, cols = torch.tensor([0, 2]), torch.tensor([1, 3])
+    got = crop_token_scores(local, thumb, full_hw=(4, 4), crop_rows=rows, crop_cols=cols)
+    resized = torch.nn.functional.interpolate(thumb[None, None], size=(4, 4), mode="bilinear")[0, 0]
+    glob = resized[[0, 0, 2, 2], [1, 3, 1, 3]]
+    torch.testing.assert_close(got, local / local.norm() + glob / glob.norm())
+    with pytest.raises(ValueError, match="has 4 tokens"):
+        crop_token_scores(local[:3], thumb, full_hw=(4, 4), crop_rows=rows, crop_cols=cols)

@@ -76,3 +76,14 @@ def test_bounding_rectangle_rejects_holes_and_empty():
         bounding_rectangle(torch.tensor([0, 1, 4]), w=3)
     with pytest.raises(ValueError, match="got none"):
         bounding_rectangle(torch.tensor([], dtype=torch.long), w=3)
+
+
+def test_token_grid_takes_sub_lattices_and_rejects_the_rest():
+    from vlmdrop.ops.pool import token_grid
+
+    local = torch.tensor([r * 7 + c for r in (0, 2, 5) for c in (1, 3, 4, 6)])  # rows 0,2,5 x cols 1,3,4,6 of 7 wide
+    rows, cols = token_grid(local[torch.randperm(local.numel())], w=7)
+    assert rows.tolist() == [0, 2, 5] and cols.tolist() == [1, 3, 4, 6]
+    assert [t.tolist() for t in token_grid(torch.arange(8, 12), w=4)] == [[2], [0, 1, 2, 3]]  # a rectangle
+    with pytest.raises(ValueError, match="fill a grid"):
+        token_grid(torch.tensor([0, 1, 7]), w=7)

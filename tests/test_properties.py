@@ -107,7 +107,7 @@ MROPE_METHODS = {
 
 # ------------------------------------------------------------------------------------------------- grid
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # M-RoPE: kept tokens keep their original positions
-HF_FAMILIES = ("llava", "llava_next", "internvl") + QWEN_FAMILIES
+HF_FAMILIES = ("llava", "llava_next", "internvl", "llava_onevision") + QWEN_FAMILIES
 OPEN_CLIP_FAMILIES = ("open_clip", "open_clip_qknorm")
 SUPPORTED = {f: tuple(METHODS) for f in HF_FAMILIES}
 SUPPORTED.update({f: tuple(m for m in METHODS if m not in COMPACT) + tuple(MROPE_METHODS) for f in QWEN_FAMILIES})
@@ -167,6 +167,9 @@ def _stats_key(images) -> list[tuple]:
 GRID_SIZES = {"llava": [(60, 130), (90, 50), (56, 56)],  # 16 tokens each
               "llava_next": [(60, 130), (90, 50), (56, 56)],  # 52, 56, 36 tokens (grids 1x3, 2x1, 1x2)
               "internvl": [(60, 130), (56, 56), (50, 300)],  # 3, 1, 7 tiles -> 48, 16, 112 tokens
+              # row 0 is a multi-image prompt (one crop + newline each: 17, 17); (160, 160): a 3x3 grid
+              # down-sampled to 8x8 (anyres_max_4) -> 88 tokens
+              "llava_onevision": [(60, 130), (90, 50), (160, 160)],
               **{f: [(60, 130), (90, 50), (40, 70)] for f in QWEN_FAMILIES}}  # grids 4x8, 6x3, 2x4 tokens
 GRID_PROMPTS = ["USER: <image>\nwhat is the shape ? and <image>\nthe colour ? ASSISTANT:",
                 "USER: what color is this ? ASSISTANT:",
@@ -174,6 +177,8 @@ GRID_PROMPTS = ["USER: <image>\nwhat is the shape ? and <image>\nthe colour ? AS
 # per family: one image per row, for the exact counts (LLaVA-NeXT: six AnyRes grids; InternVL: 1-7 tiles)
 COUNT_SIZES = {"llava": IMAGE_SIZES[:3], "llava_next": IMAGE_SIZES,
                "internvl": [(56, 56), (60, 130), (90, 50), (50, 300), (200, 100), (130, 120)],
+               # grids 2x3 (down-sampled), 2x1, 3x2 (down-sampled), 2x3, 3x3 (down-sampled), 1x1, 1x3
+               "llava_onevision": [(60, 130), (90, 50), (120, 110), (110, 170), (160, 160), (56, 56), (40, 170)],
                **{f: [(56, 56), (60, 130), (90, 50), (50, 300), (200, 100), (130, 120)] for f in QWEN_FAMILIES}}
 N_NEW = 4  # generated tokens
 
@@ -202,6 +207,8 @@ def grid_inputs(family: str, proc):
 
     def build():
         images = [make_image(h, w, i) for i, (h, w) in enumerate(GRID_SIZES[family])]
+        if family == "llava_onevision":  # images per sample: row 0's two images make a multi-image prompt
+            images = [images[:2], [], images[2:]]
         inputs = proc(images=images, text=_prompts(family, GRID_PROMPTS), return_tensors="pt", padding=True)
         assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # three lengths: left padding
         return inputs

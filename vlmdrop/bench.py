@@ -6,20 +6,23 @@ thumbnail: 1,792).  Per shape, every configuration (the full model, then each me
 the same round, rounds repeated and medians reported, so that a drift of the machine hits all alike.
 
 * ``prefill_s``: wall time of one prefill forward (``model(**inputs, use_cache=True, logits_to_keep=1)``).
-* ``ideal_s``: measured, not modelled: the unmodified model's vision tower time on the same image (a forward
-  hook in the full model's run of the same round) plus its language model run directly on ``inputs_embeds``
-  of the kept length ``L' = L - n_before + n_kept`` rows.
+* ``ideal_s``: measured, not modelled: what the unmodified model spends outside its language model in the same
+  round (vision tower, projector, packing, embedding lookup: a method still encodes the whole image) plus its
+  language model run directly on ``inputs_embeds`` of the kept length ``L' = L - n_before + n_kept`` rows.
 * ``speedup = prefill_s_full / prefill_s``; ``fraction_of_ideal = ideal_s / prefill_s``;
-  ``overhead_pct = 100 * (prefill_s - ideal_s) / prefill_s`` (scoring, selection, compaction, plus the
-  projector and embedding lookup that the ideal leaves out).
+  ``overhead_pct = 100 * (prefill_s - ideal_s) / prefill_s`` (the method's capture, scoring, selection and
+  compaction).
 * ``decode_tps``: new tokens per second after the first token of a greedy ``generate``.
 * ``peak_mem_mb``: CUDA ``max_memory_allocated`` reset per configuration; on CPU the peak RSS of a fresh
   subprocess per configuration (``--memory``; off by default since each subprocess builds its model).
-* ``score_pct_of_vision`` (vision-stage methods; ``null`` for LLM-stage ones): the vision tower's extra time
-  under the method (its capture and scoring hooks), % of the full model's vision tower time; beside it, per
-  shape, two reference ways of getting the scores (``ref_official_qk_pct_of_vision``: the N x N attention
-  recomputed from hooked q/k, HiRED's official code; ``ref_eager_layer_pct_of_vision``: a decoder layer re-run
-  under eager attention, other toolkits' FastV).
+* ``score_s`` / ``score_rows``: the method's own scoring, timed on its real hooks during a prefill (the score
+  functions the hooks call, wrapped by the benchmark only), and the score rows it made (a ViT CLS row per role,
+  an LLM last-token row per drop layer).  ``score_pct_of_vision`` = ``score_s`` as % of the full model's vision
+  tower time (vision-stage methods; ``null`` for LLM-stage ones).  ``ref_s``: the same rows the reference way,
+  which exists only in this benchmark (vision: the N x N attention recomputed from the layer's hooked q/k, as
+  HiRED's official code gets it; LLM: the decoder layer re-run under eager attention with the weights
+  returned, other toolkits' FastV); ``ref_ratio = ref_s / score_s``.  ``vision_extra_pct``: the vision tower's
+  end-to-end extra time under the method (a difference of medians: noisy at these widths).
 """
 
 from __future__ import annotations
@@ -274,8 +277,69 @@ def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], Non
     return t_off, t_eager
 
 
+class _ScoreTimer:
+    """Times the functions the installed hooks call to score tokens, for one configuration's prefills.
+
+    Patches, inside the benchmark only and for the duration of a `with`, the module globals through which
+    the capture hooks reach their score functions (the ViT CLS row or logits, `vlmdrop.adapters.vision_capture`;
+    the LLM's last-token attention row, `vlmdrop.adapters.llm_stage`), so the time is that of the method's own
+    scoring on the real q/k of the prefill, synchronised on CUDA; `calls` counts the score rows made (one per
+    ViT role or LLM drop layer), which sets how many reference computations the same scores would cost."""
+
+    TARGETS = (("vlmdrop.adapters.vision_capture", "cls_attention_from_projections"),
+               ("vlmdrop.adapters.vision_capture", "cls_logits_from_projections"),
+               ("vlmdrop.adapters.llm_stage", "last_token_attention"))
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync, self.seconds, self.calls = sync, 0.0, 0
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            return out
+
+        return timed
+
+    def __enter__(self) -> _ScoreTimer:
+        import importlib
+
+        for mod_name, attr in self.TARGETS:
+            mod = importlib.import_module(mod_name)
+            fn = getattr(mod, attr)
+            self._saved.append((mod, attr, fn))
+            setattr(mod, attr, self._wrap(fn))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._saved:
+            mod, attr, fn = self._saved.pop()
+            setattr(mod, attr, fn)
+
+
+def _score_cost(model: Any, inputs: dict[str, Any], method: str, budget: float, sync: Callable[[], None], *,
+                repeat: int) -> tuple[float, int]:
+    """(median seconds of the method's scoring per prefill, score rows per prefill)."""
+    h = _apply(model, method, budget)
+    try:
+        runs = []
+        for _ in range(repeat + 1):  # the first is a warm-up
+            with _ScoreTimer(sync) as timer:
+                _prefill(model, inputs, sync)
+            runs.append((timer.seconds, timer.calls))
+    finally:
+        h.remove()
+    return statistics.median(r[0] for r in runs[1:]), runs[-1][1]
+
+
 def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype: str) -> float:
-    """Peak RSS (MB) of a fresh subprocess that builds `shape` and runs one prefill of the configuration."""
+    """Peak RSS (MB) of one prefill of the configuration in a fresh subprocess that builds `shape` (the
+    high-water mark reset after the build, see `_worker`)."""
     cmd = [sys.executable, "-m", "vlmdrop.bench", "--worker", shape, method or "-", str(budget or 0), dtype]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -283,15 +347,32 @@ def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _worker(shape: str, method: str, budget: str, dtype: str) -> None:
+    """Peak RSS (MB) of one prefill: the high-water mark is reset once the model is built (Linux
+    `clear_refs` 5), so the peak is the resident model plus what the prefill adds, not the build's."""
+    import gc
     import resource
 
     model, inputs = build(SHAPES[shape], device="cpu", dtype=dtype)
     if method != "-":
         _apply(model, method, float(budget))
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:  # not Linux, or not allowed: the peak of the whole process (ru_maxrss, KiB on Linux)
+        reset = False
     _prefill(model, inputs, lambda: None)
-    # ru_maxrss is KiB on Linux
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 # ======================================================================================
@@ -337,12 +418,12 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
         ideal: dict[Any, list[float]] = {c: [] for c in configs[1:]}
         for r in range(repeat):
             order = configs if r % 2 == 0 else configs[::-1]
-            vision_full = None
+            lm_full = 0.0
             round_t: dict[Any, float] = {}
             for c in order:
                 if c is None:
                     round_t[c] = _prefill(model, inputs, sync)
-                    vision_full = vis.seconds
+                    lm_full = lmc.seconds
                     parts[c].append((vis.seconds, lmc.seconds))
                 else:
                     h = _apply(model, *c)
@@ -354,8 +435,8 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             lm_t = {c: _ideal_lm(model, seq_len - kept[c][0] + kept[c][1], sync) for c in configs[1:]}
             for c in configs:
                 times[c].append(round_t[c])
-                if c is not None:
-                    ideal[c].append(vision_full + lm_t[c])
+                if c is not None:  # the full model's prefill without its LM, plus its LM on the L' rows
+                    ideal[c].append(round_t[None] - lm_full + lm_t[c])
 
         decode: dict[Any, float | None] = {c: None for c in configs}
         peak: dict[Any, float | None] = {c: None for c in configs}
@@ -388,6 +469,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
         vis.remove()
         lmc.remove()
         ref_official, ref_eager = _reference_scores(model, inputs, sync, repeat=repeat)
+        score = {c: _score_cost(model, inputs, *c, sync, repeat=repeat) for c in configs[1:]}
 
         def med(c: Any, k: int) -> float:
             return statistics.median(p[k] for p in parts[c])
@@ -398,20 +480,98 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             t = statistics.median(times[c])
             i = statistics.median(ideal[c])
             nb, nk = kept[c]
+            score_s, calls = score[c]
+            vision = _stage(c[0]) == "vision"
+            ref_s = calls * (ref_official if vision else ref_eager)  # the same score rows the reference way
             records.append(Record(
                 shape=sname, method=c[0], budget=c[1], n_before=nb, n_kept=nk, prefill_s_full=full, prefill_s=t,
                 ideal_s=i, speedup=full / t, fraction_of_ideal=i / t, overhead_pct=100.0 * (t - i) / t,
-                score_pct_of_vision=(100.0 * (med(c, 0) - vision_full) / vision_full
-                                     if _stage(c[0]) == "vision" else None),
+                score_pct_of_vision=100.0 * score_s / vision_full if vision else None,
                 peak_mem_mb_full=peak[None], peak_mem_mb=peak[c], decode_tps_full=decode[None],
                 decode_tps=decode[c],
                 extra={"seq_len": seq_len, "vision_s_full": med(None, 0), "lm_s_full": med(None, 1),
                        "vision_s": med(c, 0), "lm_s": med(c, 1),
+                       "vision_extra_pct": 100.0 * (med(c, 0) - vision_full) / vision_full,
+                       "score_s": score_s, "score_rows": calls, "ref_s": ref_s,
+                       "ref_kind": ("N x N from q/k" if vision else "eager layer re-run") if calls else None,
+                       "ref_ratio": ref_s / score_s if calls and score_s > 0 else None,
                        "ref_official_qk_pct_of_vision": 100.0 * ref_official / vision_full,
                        "ref_eager_layer_pct_of_vision": 100.0 * ref_eager / vision_full},
             ))
         del model
     return records
+
+
+# ======================================================================================
+# kernels against their fallbacks
+# ======================================================================================
+def kernel_bench(*, device: str = "cpu", dtype: str = "float32", repeat: int = 5) -> list[dict[str, Any]]:
+    """Each `vlmdrop.kernels` function on its real-size inputs, the torch fallback against the Triton kernel
+    (the latter only on CUDA with triton), medians of `repeat` calls after a warm-up; `equal`: the two paths'
+    results agree (bit for bit for compaction and top-k, to 1e-5 for attention received)."""
+    import os
+
+    from vlmdrop import kernels
+
+    sync = _sync_fn(device)
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    b, length, width = 8, 3000, 1024  # a batch of 8 LLaVA-NeXT prompts, hidden rows of 1024
+    keep = torch.rand(b, length, generator=g) < 0.3
+    cases = {
+        "compact_rows (B=8, L=3000, D=1024)": lambda: kernels.compact_rows(
+            x, keep_d, attention_mask=mask),
+        "segmented_topk (8 images x 5 crops of 576)": lambda: kernels.segmented_topk(scores, lengths, ks),
+        "attention_received (H=16, N=2880, D=64)": lambda: kernels.attention_received(q, k, scale=0.125),
+    }
+    x = torch.randn(b, length, width, generator=g).to(device=device, dtype=dt)
+    keep_d = keep.to(device)
+    mask = torch.ones(b, length, dtype=torch.long, device=device)
+    scores = torch.randn(40 * 576, generator=g).to(device)
+    lengths = torch.full((40,), 576, device=device)
+    ks = torch.full((40,), 115, device=device)
+    q = torch.randn(1, 16, 2880, 64, generator=g).to(device=device, dtype=dt)
+    k = torch.randn(1, 16, 2880, 64, generator=g).to(device=device, dtype=dt)
+    paths = ["torch"] + (["triton"] if device.startswith("cuda") and kernels.triton_available() else [])
+    out = []
+    saved = os.environ.get("VLMDROP_KERNELS")
+    try:
+        for name, fn in cases.items():
+            rec: dict[str, Any] = {"kernel": name, "torch_ms": None, "triton_ms": None, "equal": None}
+            results = {}
+            for path in paths:
+                os.environ["VLMDROP_KERNELS"] = path
+                results[path] = fn()
+                times = []
+                for _ in range(repeat):
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                rec[f"{path}_ms"] = 1e3 * statistics.median(times)
+            if len(results) == 2:
+                a, c = results["torch"], results["triton"]
+                a, c = (a, c) if isinstance(a, tuple) else ((a,), (c,))
+                exact = not name.startswith("attention_received")
+                rec["equal"] = all(torch.equal(u, v) if exact else torch.allclose(u, v, atol=1e-5)
+                                   for u, v in zip(a, c))
+            out.append(rec)
+    finally:
+        if saved is None:
+            os.environ.pop("VLMDROP_KERNELS", None)
+        else:
+            os.environ["VLMDROP_KERNELS"] = saved
+    return out
+
+
+def kernels_markdown(recs: list[dict[str, Any]]) -> str:
+    lines = ["| kernel | torch fallback (ms) | Triton (ms) | fallback / Triton | equal |", "|---|---|---|---|---|"]
+    for r in recs:
+        ratio = r["torch_ms"] / r["triton_ms"] if r["triton_ms"] else None
+        lines.append(f"| {r['kernel']} | {r['torch_ms']:.2f} | {_fmt(r['triton_ms'], '.2f')} | {_fmt(ratio, '.1f')} "
+                     f"| {'-' if r['equal'] is None else r['equal']} |")
+    return "\n".join(lines)
 
 
 # ======================================================================================
@@ -425,15 +585,22 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}x" if v >= 10 else f"{v:.2g}x"
+
+
 def to_markdown(records: list[Record]) -> str:
     head = ("| shape | method | budget | kept / before | prefill full (ms) | prefill (ms) | ideal (ms) | speedup "
-            "| of ideal | overhead % | score % of vision | peak MB full | peak MB | decode tok/s full | decode tok/s |")
+            "| of ideal | overhead % | score % of vision | score ms | reference / score | peak MB full | peak MB "
+            "| decode tok/s full | decode tok/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
         lines.append(
             f"| {r.shape} | {r.method} | {r.budget:g} | {r.n_kept} / {r.n_before} | {r.prefill_s_full * 1e3:.1f} "
             f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
-            f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.1f')} | {_fmt(r.peak_mem_mb_full, '.0f')} "
+            f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
+            f"| {_ratio(r.extra['ref_ratio'])} "
+            f"| {_fmt(r.peak_mem_mb_full, '.0f')} "
             f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
     for shape in dict.fromkeys(r.shape for r in records):
         r = next(r for r in records if r.shape == shape)
@@ -494,6 +661,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="CPU: peak RSS of a fresh subprocess per configuration")
     p.add_argument("--json", action="store_true", help="print one JSON record per shape x method x budget")
     p.add_argument("--png", default=None, help="write a PNG of speedup vs budget (ideal dashed) here")
+    p.add_argument("--kernels", action="store_true",
+                   help="time each vlmdrop.kernels function, torch fallback vs Triton (CUDA), instead of the models")
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -524,6 +693,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return usage(f"--repeat {repeat} must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return usage(f"--device {args.device!r}: CUDA is not available")
+    if args.kernels:
+        recs = kernel_bench(device=args.device, dtype=args.dtype, repeat=repeat)
+        print(json.dumps(recs, indent=1) if args.json else kernels_markdown(recs))
+        return 0
     records = run_bench(shapes, methods, budgets, repeat=repeat, device=args.device, dtype=args.dtype,
                         decode_tokens=8 if args.quick else 32, decode_repeat=1 if args.quick else 3,
                         memory=args.memory)

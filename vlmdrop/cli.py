@@ -1,4 +1,5 @@
-"""The `vlmdrop` command: `vlmdrop run` (full vs reduced answer) and, when installed, `vlmdrop eval`.
+"""The `vlmdrop` command: `vlmdrop run` (full vs reduced answer), `vlmdrop demo` (the Gradio page, `vlmdrop.demo`),
+`vlmdrop bench` and, when installed, `vlmdrop eval`.
 
 `vlmdrop run` checks every argument and the image before it loads the model, and the parameters that
 depend on the model (decoder layers) right after loading, before anything generates; a user error
@@ -329,6 +330,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`vlmdrop demo`: check the arguments, then hand over to `vlmdrop.demo.launch` (blocks until stopped)."""
+    try:
+        if args.port is not None and not 0 <= args.port <= 65535:
+            raise UsageError(f"--port {args.port} is not a port number (0..65535)")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        check_model_arg(args.model)
+        from vlmdrop.demo import launch
+
+        try:
+            launch(model=args.model, host=args.host, port=args.port, share=args.share, dtype=args.dtype,
+                   device=args.device, attn_implementation=args.attn, max_new_tokens=args.max_new_tokens)
+        except ImportError as e:
+            if e.name != "gradio":
+                raise
+            raise UsageError(str(e)) from None
+    except UsageError as e:
+        print(f"vlmdrop demo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
 def _sample_image() -> str:
     from importlib.resources import files
 
@@ -367,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs of each model after one warm-up each, full and reduced interleaved; "
                         "the medians are printed (default 3)")
     r.set_defaults(func=cmd_run)
+    d = sub.add_parser("demo", help="serve the Gradio side-by-side demo (needs the demo extra)",
+                       description="Serve the Gradio page comparing the full and the reduced model side by side "
+                                   "(pip install 'vlmdrop[demo]'). Binds to 127.0.0.1 unless --host says otherwise.")
+    d.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded model)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    d.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    d.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    d.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: CUDA when available)")
+    d.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    d.add_argument("--max-new-tokens", type=int, default=24, help="initial value of the page's slider")
+    d.set_defaults(func=cmd_demo)
     from vlmdrop.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)

@@ -32,8 +32,10 @@ class ImageTokens:
             (-1 for layout rows).
         crop_hw: (h, w) patch grid of one crop.
         n_crops: base image + sub-images (1 when there is a single crop / tile and no thumbnail).
-        cls_attn: ViT CLS-attention rows, by role ("first", "feature"), each (n_crops, H, h*w): the
-            attention the CLS query of that ViT layer pays each patch of each crop (CLS column removed).
+        cls_attn: ViT saliency rows, by role ("first", "feature", "score"), each (n_crops, H, h*w): with
+            the method's `score="cls"`, the attention the CLS query of that ViT layer pays each patch of
+            each crop (CLS column removed); with `score="received"` (the default on towers without a CLS
+            token), the attention each patch receives, averaged over all the layer's queries.
         base_region: (h*w,) for each base-image patch, the sub-image (0-based among sub-images, i.e. among
             the crops other than `base_crop`, in crop order) whose region of the original picture contains
             the patch centre; None without sub-images.
@@ -136,6 +138,12 @@ class VisionMethod:
         self.config = config
 
     @property
+    def score(self) -> str:
+        """The saliency its roles are captured as: the config's `score` ("auto", "cls", "received"; see
+        `vlmdrop.ops.attention.resolve_score`), "auto" for a method without that option."""
+        return getattr(self.config, "score", "auto")
+
+    @property
     def exact_budget(self) -> bool:
         """True when `select` keeps exactly the `n_keep` rows it is asked for (every built-in method
         except compatibility modes that reproduce another code base's counts)."""
@@ -190,11 +198,20 @@ class LLMMethod:
         is the image's token count when it entered the language model."""
         raise NotImplementedError
 
-    def select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-        """(n_present,) scores of an image's present tokens -> (n_keep,) ascending indices to keep."""
-        from .ops.topk import top_k
+    def select(self, scores: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """Which tokens survive, for every image of the batch at once.
 
-        return top_k(scores, n_keep)
+        Args:
+            scores: (P,) the present tokens' scores, image after image (each image's ascending).
+            lengths: (C,) tokens present per image; ks: (C,) how many each image keeps.
+
+        Returns:
+            (sum ks,) indices into `scores`, image by image, ascending within each: the top `ks[c]` of
+            image c (ties to the lower index), in one launch (`vlmdrop.kernels.segmented_topk`).
+        """
+        from . import kernels
+
+        return kernels.segmented_topk(scores, lengths, ks)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Test utilities (as transformers' ``testing_utils``): tiny random-weight LLaVA, LLaVA-NeXT and InternVL
-models and their processors, built from local parts.
+"""Test utilities (as transformers' ``testing_utils``): tiny random-weight LLaVA, LLaVA-NeXT, LLaVA-OneVision
+and InternVL models and their processors, built from local parts.
 
 Nothing here downloads anything: the tokenizer is a word-level `tokenizers` model wrapped in
 `PreTrainedTokenizerFast`, the image processors are the real transformers classes constructed with
@@ -320,3 +320,61 @@ def tiny_qwen3_5(*, seed: int = 0, patch_size: int = 8, vision_layers: int = 3, 
     model = Qwen3_5ForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn_implementation)
     return model, _qwen_processor(Qwen3VLProcessor, tokenizer, patch_size=patch_size, max_tokens=max_tokens)
+
+
+ONEVISION_SPECIALS = SPECIALS + ["<video>"]
+
+
+def build_onevision_tokenizer() -> PreTrainedTokenizerFast:
+    """`build_tokenizer` plus LLaVA-OneVision's `<video>` special token."""
+    return _word_tokenizer(ONEVISION_SPECIALS, {"image_token": "<image>", "video_token": "<video>"}, CHAT_TEMPLATE,
+                           isolate=("?", "<image>"))
+
+
+def tiny_llava_onevision(*, seed: int = 0, image_size: int = 56, patch_size: int = 14, vision_layers: int = 3,
+                         text_layers: int = 2, max_grid: int = 3, vision_aspect_ratio: str = "anyres_max_4",
+                         attn_implementation: str = "sdpa"):
+    """A random-weight `LlavaOnevisionForConditionalGeneration` (SigLIP tower without CLS, AnyRes grids up to
+    `max_grid` x `max_grid` crops, unpadding, bilinear down-sampling of grids over N base grids with
+    `vision_aspect_ratio="anyres_max_N"`, newline rows, Qwen2 LLM) and its `LlavaOnevisionProcessor`.
+
+    Crops of `image_size` px with `patch_size` px patches (4x4 by default); with the default anyres_max_4 a
+    grid whose unpadded patch count exceeds 4 * 1.1**2 base grids is down-sampled (e.g. 2x3 and 3x3 grids).
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_onevision_tokenizer()
+    s = image_size
+    pinpoints = [[s * i, s * j] for i in range(1, max_grid + 1) for j in range(1, max_grid + 1)]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                                num_attention_heads=4, image_size=s, patch_size=patch_size, vision_use_head=False)
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio=vision_aspect_ratio, vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a distinct random newline row
+        model.model.image_newline.normal_(std=1.0)
+    model.set_attn_implementation(attn_implementation)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
+        num_image_tokens=(s // patch_size) ** 2, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    return model, processor

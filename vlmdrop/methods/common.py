@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import kernels
 from ..interface import ImageTokens, Selection
 from ..ops.budget import largest_remainder
 
@@ -42,6 +43,33 @@ def select_per_crop(image: ImageTokens, n_keep: int, budgets_for: Callable[[int,
     chosen.append(image.layout_positions()[: n_keep - on_crops])
     kept = torch.cat(chosen).sort().values
     return Selection(kept_indices=kept, crop_budgets=budgets, crop_kept=kept_counts)
+
+
+def select_top_per_crop(image: ImageTokens, n_keep: int, budgets_for: Callable[[int, list[int]], list[int]],
+                        scores: torch.Tensor) -> Selection:
+    """`select_per_crop` for methods that keep each crop's highest-scored tokens: one segmented top-k
+    (`vlmdrop.kernels.segmented_topk`, one launch for every crop) instead of a top-k per crop.
+
+    Args:
+        budgets_for: (total, caps) -> shares per crop, in crop order, summing to total.
+        scores: (n_before,) score of every position (layout rows' values are ignored); ties go to the
+            lower position, as in `vlmdrop.ops.topk.top_k`.
+    """
+    if scores.shape != (image.n_before,):
+        raise ValueError(f"scores must be ({image.n_before},), one per position, got {tuple(scores.shape)}")
+    caps = image.crop_sizes()
+    on_crops = min(n_keep, sum(caps))
+    budgets = budgets_for(on_crops, caps)
+    if sum(budgets) != on_crops or any(b > c for b, c in zip(budgets, caps)):
+        raise AssertionError(f"crop budgets {budgets} must sum to {on_crops} within caps {caps}")
+    crop_of = image.crop_of.to(scores.device)  # (n_before,)
+    on_crop = (crop_of >= 0).nonzero(as_tuple=True)[0]  # (n_crop_positions,) ascending
+    order = on_crop[torch.sort(crop_of[on_crop], stable=True).indices]  # positions grouped by crop, ascending within
+    picked = kernels.segmented_topk(scores[order], torch.tensor(caps, device=scores.device),
+                                    torch.tensor(budgets, device=scores.device))  # (on_crops,) into `order`
+    layout = image.layout_positions().to(scores.device)[: n_keep - on_crops]
+    kept = torch.cat([order[picked], layout]).sort().values  # (n_keep,)
+    return Selection(kept_indices=kept, crop_budgets=budgets, crop_kept=list(budgets))
 
 
 def resolve_layer(index: int, num_layers: int, *, what: str) -> int:

@@ -5,7 +5,9 @@ each crop's retention ratio is set by the thumbnail's score summed over the crop
 temperature, `base · (1 + p_i − mean p)`, clipped to 1), and inside a crop a token's score is its
 L2-normalised local score plus the L2-normalised thumbnail score bilinearly resized to the stitched
 crop grid.  The score is the official one: the **last** ViT layer's pre-softmax CLS logits q·k·scale,
-averaged over heads.  Formulas: `vlmdrop.ops.globalcom2` (with the official-code line references).
+averaged over heads; with `score="received"` (the default on a tower without CLS, e.g. LLaVA-OneVision's
+SigLIP) the attention each patch receives, which is post-softmax (README: "Scores for towers without a CLS
+token").  Formulas: `vlmdrop.ops.globalcom2` (with the official-code line references).
 
 vlmdrop's accounting (not the official code's): the image keeps exactly `round(budget · n_before)`
 positions; `base` is that fraction of the crop positions, the thumbnail's ratio is `base`, and the
@@ -26,9 +28,9 @@ import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import globalcom2 as G
-from ..ops.topk import top_k
+from ..ops.attention import SCORES
 from ..registry import register_method
-from .common import resolve_layer, select_per_crop
+from .common import resolve_layer, select_top_per_crop
 
 
 @dataclass(frozen=True)
@@ -40,18 +42,25 @@ class GlobalCom2Config(MethodConfig):
     temperature: softmax temperature of the crop retention (official default 10.0).
     score_layer: ViT layer whose pre-softmax CLS logits (mean over heads) score tokens; -1 (the last
         layer) as in the official code.
+    score: the ViT saliency used wherever the method reads the CLS row: "cls" (the CLS query's
+        attention row), "received" (the attention each patch receives, averaged over all queries; the
+        rule for towers without a CLS token, e.g. SigLIP), or "auto" (default: "cls" when the tower has a
+        CLS token, "received" otherwise).  README: "Scores for towers without a CLS token".
     """
 
     budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.25
     temperature: float = G.TEMPERATURE
     score_layer: int = -1
+    score: str = "auto"
 
     roles = ("score",)
     logit_roles = ("score",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not valid; valid scores: {', '.join(SCORES)}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf") or t > sys.float_info.max:
             raise ValueError(f"temperature={t!r} must be a finite number > 0")  # (an int beyond float range too)
@@ -87,27 +96,38 @@ class GlobalCom2(VisionMethod):
                 ratios[c] = float(sub_ratio[j])
             return G.crop_keep_counts(caps, ratios, total=total)
 
-        def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
-            local = image.local_index[positions]  # (n,) raster index inside the crop
-            if crop == base:
-                return positions[top_k(thumb[local], k)]
+        # every position's score: the thumbnail's own on its crop, local + interpolated global on each sub-image
+        local_all = image.local_index.to(score.device)  # (n_before,)
+        scores = torch.zeros(image.n_before, dtype=torch.float32, device=score.device)  # layout rows: ignored
+        on_base = (image.crop_of == base).nonzero(as_tuple=True)[0].to(score.device)  # (n_base,)
+        scores[on_base] = thumb[local_all[on_base]]
+        for crop in subs:  # each sub-image's global scores are its own box of the thumbnail, interpolated
+            positions = image.crop_positions(crop).to(score.device)  # (n,) ascending
+            if positions.numel() == 0:  # unpadded to nothing (extreme aspect ratios): no token to score
+                continue
+            local = local_all[positions]  # (n,) raster index inside the crop
             order = torch.argsort(local)  # raster order inside the crop
             full_hw, rows, cols = boxes[crop]
             s = G.crop_token_scores(score[crop][local[order]], thumb.reshape(h, w), full_hw=full_hw,
                                     crop_rows=rows, crop_cols=cols)  # (n,) raster order
-            scores = torch.empty_like(s)
-            scores[order] = s  # back to position order
-            return positions[top_k(scores, k)]
-
-        return select_per_crop(image, n_keep, budgets_for, pick)
+            scores[positions[order]] = s.float()
+        return select_top_per_crop(image, n_keep, budgets_for, scores)
 
 
 
-def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
-    """`G.stitched_crop_boxes` of the image's sub-images, keyed by crop id."""
+def _crop_boxes(image: ImageTokens) -> dict[int, tuple[tuple[int, int], tuple[int, int] | torch.Tensor,
+                                                       tuple[int, int] | torch.Tensor]]:
+    """`G.stitched_crop_grids` of the image's sub-images (the stitched rows and columns each one's tokens
+    sit on: a rectangle, or LLaVA-OneVision's anchor sub-grid), keyed by crop id."""
     if image.grid_hw is None:
         raise ValueError(f"an image with {image.n_crops} crops needs its sub-image grid (ImageTokens.grid_hw)")
     subs = image.sub_crops()
     local = [image.local_index[image.crop_positions(c)] for c in subs]  # (n_j,) raster index inside crop c
-    boxes = G.stitched_crop_boxes(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
-    return {subs[j]: box for j, box in boxes.items()}
+    grids = G.stitched_crop_grids(local, crop_hw=image.crop_hw, grid_hw=image.grid_hw)
+    return {subs[j]: (full, _as_span(rows), _as_span(cols)) for j, (full, rows, cols) in grids.items()}
+
+
+def _as_span(idx: torch.Tensor) -> tuple[int, int] | torch.Tensor:
+    """Consecutive indices as the [start, stop) box `G.stitched_crop_boxes` gives; others as they are."""
+    a, b = int(idx[0]), int(idx[-1]) + 1
+    return (a, b) if idx.numel() == b - a else idx

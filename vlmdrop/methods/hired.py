@@ -12,9 +12,9 @@ import torch
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
 from ..ops import hired as F
 from ..ops import hired_official as OF
-from ..ops.topk import top_k
+from ..ops.attention import SCORES
 from ..registry import register_method
-from .common import resolve_layer, select_per_crop
+from .common import resolve_layer, select_top_per_crop
 
 MODES = ("paper", "official-code")
 
@@ -29,6 +29,10 @@ class HiredConfig(MethodConfig):
     feature_layer: ViT layer whose CLS attention picks tokens inside each crop; None = the layer whose
         output the LLM receives (the model's `vision_feature_layer`, -2 for LLaVA).
     mode: "paper" (Eq. 1–2 with exact rounding) or "official-code" (the published code's allocation).
+    score: the ViT saliency used wherever the method reads the CLS row: "cls" (the CLS query's
+        attention row), "received" (the attention each patch receives, averaged over all queries; the
+        rule for towers without a CLS token, e.g. SigLIP), or "auto" (default: "cls" when the tower has a
+        CLS token, "received" otherwise).  README: "Scores for towers without a CLS token".
     """
 
     budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
@@ -37,6 +41,7 @@ class HiredConfig(MethodConfig):
     first_layer: int = 0
     feature_layer: int | None = None
     mode: str = "paper"
+    score: str = "auto"
 
     roles = ("first", "feature")
 
@@ -48,6 +53,8 @@ class HiredConfig(MethodConfig):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"{name}={v!r} must be an int layer index")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not valid; valid scores: {', '.join(SCORES)}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not valid; valid modes: {', '.join(MODES)}")
         if self.mode == "official-code" and not isinstance(self.budget, float):
@@ -90,11 +97,9 @@ class Hired(VisionMethod):
                 out[c] = k
             return out  # crop order
 
-        def pick(crop: int, positions: torch.Tensor, k: int) -> torch.Tensor:
-            scores = feature[crop][image.local_index[positions]]  # (n,)
-            return positions[top_k(scores, k)]
-
-        return select_per_crop(image, n_keep, budgets_for, pick)
+        crop = image.crop_of.clamp(min=0).to(feature.device)  # (n_before,); layout rows read crop 0, ignored
+        local = image.local_index.clamp(min=0).to(feature.device)  # (n_before,)
+        return select_top_per_crop(image, n_keep, budgets_for, feature[crop, local])  # scores (n_before,)
 
     def _official(self, image: ImageTokens, feature: torch.Tensor) -> Selection:
         """The published code's rule (see `vlmdrop.ops.hired_official`): budget over padded crops,

@@ -3,6 +3,7 @@
 Formula: `vlmdrop.ops.pool.pool_grid` (exact count, raster order).  Each crop's share of the budget
 is proportional to its size (capped largest remainder, as for `random`); each crop's token grid --
 for LLaVA-NeXT only the patches that survive unpadding, a rectangle of the crop's h×w grid; for
+LLaVA-OneVision's down-sampled grids the anchor patches of the crop's packed rows, a sub-grid of it; for
 InternVL each tile's post-shuffle grid -- is average-pooled to exactly its share.  Pooling happens on
 the pre-projector features (the space of `ImageTokens.vit_hidden`); the pooled rows are then mapped
 by the model's own projector.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
-from ..ops.pool import bounding_rectangle, pool_grid
+from ..ops.pool import pool_grid, token_grid
 from ..registry import register_method
 from .common import reduce_per_crop
 
@@ -53,9 +54,11 @@ class Pool(VisionMethod):
             local = image.local_index[positions]  # (n,)
             order = local.argsort()
             positions, local = positions[order], local[order]  # raster order inside the crop
-            r0, c0, rows, cols = bounding_rectangle(local, w=w)
-            grid = image.vit_hidden[crop].reshape(h, w, -1)[r0:r0 + rows, c0:c0 + cols]  # (rows, cols, C)
-            pooled, g = pool_grid(grid.reshape(rows * cols, -1), h=rows, w=cols, target=k)  # (k, C)
+            ri, ci = token_grid(local, w=w)  # (R,), (C,) the grid rows and columns the crop's tokens fill
+            dev = image.vit_hidden.device
+            grid = image.vit_hidden[crop].reshape(h, w, -1)[ri.to(dev)][:, ci.to(dev)]  # (R, C, C')
+            rows, cols = ri.numel(), ci.numel()
+            pooled, g = pool_grid(grid.reshape(rows * cols, -1), h=rows, w=cols, target=k)  # (k, C')
             return positions[:0], pooled, [positions[gi] for gi in g]
 
         return reduce_per_crop(image, n_keep, reduce)

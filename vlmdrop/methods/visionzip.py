@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..interface import ImageTokens, MethodConfig, Selection, VisionMethod
+from ..ops.attention import SCORES
 from ..ops.visionzip import PAPER_RATIO, split_budget, visionzip_select
 from ..registry import register_method
 from .common import reduce_per_crop, resolve_layer
@@ -44,17 +45,24 @@ class VisionZipConfig(MethodConfig):
     budget: fraction (float in (0, 1]) or count (int >= 1) of each image's visual positions to hand to
         the LLM, dominant and contextual tokens together.
     ratio: dominant : contextual tokens of each crop's share (default 5.4 = the paper's 54 : 10).
+    score: the ViT saliency used wherever the method reads the CLS row: "cls" (the CLS query's
+        attention row), "received" (the attention each patch receives, averaged over all queries; the
+        rule for towers without a CLS token, e.g. SigLIP), or "auto" (default: "cls" when the tower has a
+        CLS token, "received" otherwise).  README: "Scores for towers without a CLS token".
     """
 
     budget_field = "budget"  # the parameter a budget sets (vlmdrop.eval.params.method_params)
     budget: float | int = 0.2
     ratio: float = PAPER_RATIO
+    score: str = "auto"
 
     roles = ("feature",)
     needs = ("vit_hidden", "vit_keys")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not valid; valid scores: {', '.join(SCORES)}")
         r = self.ratio
         if (isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r < float("inf"))
                 or r > sys.float_info.max):  # an int beyond float range would overflow float(ratio) at prefill

@@ -66,3 +66,23 @@ def cls_logits_from_projections(q: torch.Tensor, k: torch.Tensor, *, num_heads: 
     qh = q.float().reshape(b, num_heads, 1, d // num_heads)  # (B, H, 1, hd)
     kh = k.float().reshape(b, n, num_heads, d // num_heads).transpose(1, 2)  # (B, H, N, hd)
     return (qh @ kh.transpose(-1, -2))[:, :, 0] * scale  # (B, H, N)
+
+
+#: the saliency scores a vision-stage method can ask for (`score=` of HiRED, VisionZip, GlobalCom2)
+SCORES = ("auto", "cls", "received")
+
+
+def resolve_score(score: str, *, has_cls: bool, tower: str = "vision tower") -> str:
+    """The score a capture computes: "cls" or "received".
+
+    "auto" is "cls" when the tower has a CLS token and "received" otherwise; "cls" on a tower without
+    one is a ValueError naming the tower.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not valid; valid scores: {', '.join(SCORES)}")
+    if score == "auto":
+        return "cls" if has_cls else "received"
+    if score == "cls" and not has_cls:
+        raise ValueError(f"score='cls': the {tower} has no CLS token; use score='received' (or 'auto')")
+    return score
+

@@ -112,7 +112,9 @@ def crop_token_scores(
     full_hw: (H, W) size of the unpadded stitched crop grid; the thumbnail map is resized to it
         with bilinear interpolation, align_corners=False (LA L200-209).
     crop_rows, crop_cols: [r0, r1), [c0, c1) of this crop inside that (H, W) grid (LA L213-234);
-        n must equal (r1 - r0) * (c1 - c0).
+        n must equal (r1 - r0) * (c1 - c0).  Or (vlmdrop's extension, for LLaVA-OneVision's down-sampled
+        grids) two ascending index tensors: the rows and columns of that grid the crop's tokens sit on
+        (`stitched_crop_grids`); n = len(rows) * len(cols).
     Equivalent crop box on the thumbnail grid: rows r0*h_t/H .. r1*h_t/H, cols c0*w_t/W .. c1*w_t/W.
     Normalisation is F.normalize(p=2): x / max(||x||_2, 1e-12) over the crop (LA L255-258),
     not min-max and not sum-to-one.
@@ -120,17 +122,32 @@ def crop_token_scores(
     if local_cls_attn.dim() != 1 or global_cls_attn_thumb.dim() != 2:
         raise ValueError(f"need local (n,) and thumbnail (h_t, w_t), got {tuple(local_cls_attn.shape)} "
                          f"and {tuple(global_cls_attn_thumb.shape)}")
-    (H, W), (r0, r1), (c0, c1) = full_hw, crop_rows, crop_cols
-    if not (0 <= r0 <= r1 <= H and 0 <= c0 <= c1 <= W):
-        raise ValueError(f"crop rows {crop_rows} / cols {crop_cols} outside the grid {full_hw}")
-    n = (r1 - r0) * (c1 - c0)
+    H, W = full_hw
+    ri, ci = _span(crop_rows, H), _span(crop_cols, W)
+    if ri is None or ci is None:
+        raise ValueError(f"crop rows {_show(crop_rows)} / cols {_show(crop_cols)} outside the grid {full_hw}")
+    n = ri.numel() * ci.numel()
     if local_cls_attn.shape[0] != n:
         raise ValueError(f"local_cls_attn has {local_cls_attn.shape[0]} scores, crop "
-                         f"{crop_rows}x{crop_cols} has {n} tokens")
+                         f"{_show(crop_rows)}x{_show(crop_cols)} has {n} tokens")
     resized = F.interpolate(global_cls_attn_thumb[None, None], size=(H, W), mode="bilinear",
                             align_corners=False)[0, 0]  # (H, W)
-    global_crop = resized[r0:r1, c0:c1].reshape(-1).to(local_cls_attn.dtype)  # (n,)
+    dev = resized.device
+    global_crop = resized[ri.to(dev)][:, ci.to(dev)].reshape(-1).to(local_cls_attn.dtype)  # (n,)
     return F.normalize(local_cls_attn, p=2, dim=0) + F.normalize(global_crop, p=2, dim=0)  # (n,)
+
+
+def _span(span: tuple[int, int] | Tensor, size: int) -> Tensor | None:
+    """[a, b) or an index tensor -> the (k,) long indices it names inside [0, size); None when outside."""
+    if isinstance(span, Tensor):
+        idx = span.long().reshape(-1)
+        return idx if idx.numel() == 0 or (0 <= int(idx.min()) and int(idx.max()) < size) else None
+    a, b = span
+    return torch.arange(a, b) if 0 <= a <= b <= size else None
+
+
+def _show(span: tuple[int, int] | Tensor) -> object:
+    return span.tolist() if isinstance(span, Tensor) else span
 
 
 def official_crop_boxes(
@@ -230,3 +247,31 @@ def stitched_crop_boxes(
     right = max(s[3] for s in spans.values())
     full = (bottom - top, right - left)
     return {j: (full, (r0 - top, r1 - top), (c0 - left, c1 - left)) for j, (r0, r1, c0, c1) in spans.items()}
+
+
+def stitched_crop_grids(
+    local_indices: Sequence[Tensor], *, crop_hw: tuple[int, int], grid_hw: tuple[int, int]
+) -> dict[int, tuple[tuple[int, int], Tensor, Tensor]]:
+    """`stitched_crop_boxes` for crops whose tokens fill a grid of rows × columns rather than a rectangle
+    (LLaVA-OneVision: the anchor patches of a down-sampled grid's rows; a rectangle is the special case).
+
+    Returns, for every sub-image j that holds a position: (full_hw, rows, cols), full_hw the bounding box
+    of every sub-image position on the stitched grid, rows / cols the ascending (k,) indices, inside that
+    box, of the rows and columns sub-image j's tokens sit on (the arguments `crop_token_scores` takes).
+    """
+    h, w = crop_hw
+    gh, gw = grid_hw
+    if gh * gw != len(local_indices):
+        raise ValueError(f"grid {gh}x{gw} does not hold the {len(local_indices)} sub-images")
+    lines = {}
+    for j, local in enumerate(local_indices):
+        if local.numel() == 0:
+            continue
+        lines[j] = (((j // gw) * h + local // w).unique(), ((j % gw) * w + local % w).unique())  # (R,), (C,)
+    if not lines:
+        return {}
+    top = min(int(r.min()) for r, _ in lines.values())
+    bottom = max(int(r.max()) for r, _ in lines.values()) + 1
+    left = min(int(c.min()) for _, c in lines.values())
+    right = max(int(c.max()) for _, c in lines.values()) + 1
+    return {j: ((bottom - top, right - left), r - top, c - left) for j, (r, c) in lines.items()}

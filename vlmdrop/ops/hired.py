@@ -54,5 +54,5 @@ def crop_budgets(total: int, caps: list[int], *, alpha: float, sub_scores: torch
         raise ValueError(f"need {n_sub} sub-image scores, got {None if sub_scores is None else sub_scores.numel()}")
     s = sub_scores.double().clamp_min(0)
     s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / n_sub)
-    weights = [alpha] + [(1.0 - alpha) * float(v) for v in s]
+    weights = [alpha] + [(1.0 - alpha) * v for v in s.tolist()]
     return largest_remainder(weights, total, caps)

@@ -2,14 +2,14 @@
 
 Built from the layer's own projections: queries and keys split into heads, RoPE applied with the
 positions the layer used, key heads repeated for grouped-query attention, one softmax row per head
-over the keys the token may see.  Never an N×N matrix: one row per sample.
+over the keys the token may see (the others masked to -inf).  Never an N×N matrix: one row per sample,
+the whole batch in one matmul (no loop over samples).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import query_row_attention
 from .rope import apply_rope, repeat_kv
 
 
@@ -61,11 +61,8 @@ def last_token_attention(q_proj_out: torch.Tensor, k_proj_out: torch.Tensor, *, 
     cos_b, sin_b = cos.expand(b, -1, -1), sin.expand(b, -1, -1)  # (B, N, D)
     q = apply_rope(q, cos_b[rows, qi][:, None], sin_b[rows, qi][:, None])  # (B, H, 1, D)
     k = repeat_kv(apply_rope(k, cos_b, sin_b), num_heads // num_kv_heads)  # (B, H, N, D)
-    out = torch.zeros(b, n, dtype=torch.float32, device=q_proj_out.device)
-    for i in range(b):  # one sample at a time: only its visible keys enter the softmax
-        keys = key_mask[i].to(q.device).nonzero(as_tuple=True)[0]  # (n_i,)
-        if keys.numel() == 0:
-            continue
-        row = query_row_attention(q[i:i + 1], k[i:i + 1, :, keys], scale=scale)  # (1, H, 1, n_i)
-        out[i, keys] = row[0, :, 0].mean(dim=0)
-    return out
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, 1, N)
+    visible = key_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, N)
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)  # (B, H, 1, N); NaN where no key
+    probs = probs.masked_fill(~visible, 0.0)  # a row without visible keys: all 0, as masked keys are
+    return probs[:, :, 0].mean(dim=1)  # (B, N)

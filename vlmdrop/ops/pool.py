@@ -83,3 +83,16 @@ def bounding_rectangle(local: Tensor, *, w: int) -> tuple[int, int, int, int]:
         raise ValueError(f"pool needs each crop's tokens to fill a rectangle; got {local.numel()} tokens "
                          f"in a {rows}x{cols} bounding box")
     return r0, c0, rows, cols
+
+
+def token_grid(local: Tensor, *, w: int) -> tuple[Tensor, Tensor]:
+    """(rows, cols): the ascending grid rows and columns whose product the raster indices `local` (n,) of a
+    w-wide grid fill exactly -- a rectangle (`bounding_rectangle`), or, for LLaVA-OneVision's down-sampled
+    grids, the anchor patches of the packed rows (every other row / column, say); ValueError otherwise."""
+    if local.numel() == 0:
+        raise ValueError("pool needs at least one token to find its grid, got none")
+    rows, cols = (local // w).unique(), (local % w).unique()  # (R,), (C,) ascending
+    if rows.numel() * cols.numel() != local.unique().numel() or local.unique().numel() != local.numel():
+        raise ValueError(f"pool needs each crop's tokens to fill a grid; got {local.numel()} tokens on "
+                         f"{rows.numel()} rows x {cols.numel()} columns")
+    return rows, cols

@@ -6,26 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
-def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
+def infer_tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor, *, side: int = 32) -> tuple[int, int]:
     """(rows, cols) of a raster of tiles that, stitched and resized to one tile, best matches the thumbnail.
+
+    Every tile and the thumbnail are first average-pooled to `t` x `t` (`t` the largest divisor of the
+    tile side that is at most `side`); a candidate raster of these small tiles, pooled to `t` x `t`, is
+    then exactly the full-resolution stitch pooled to `t` x `t` (block means of equal blocks), so the
+    comparison costs one pass over the pixels instead of one per candidate.
 
     Args:
         tiles: (n, C, S, S) the image's tiles in the processor's raster order (thumbnail excluded).
         thumbnail: (C, S, S) the whole picture resized to one tile.
+        side: the largest pooled side compared.
 
     Returns:
         (rows, cols) with rows * cols == n; ties go to the first candidate in order of increasing rows.
     """
     n, c, s, s2 = tiles.shape
+    t = max(d for d in range(1, min(side, s, s2) + 1) if s % d == 0 and s2 % d == 0)
+    small_tiles = F.adaptive_avg_pool2d(tiles.float(), (t, t))  # (n, C, t, t)
+    thumb = F.adaptive_avg_pool2d(thumbnail.float()[None], (t, t))  # (1, C, t, t)
     best, best_err = None, float("inf")
-    thumb = thumbnail.float()[None]  # (1, C, S, S)
-    for rows in range(1, n + 1):
+    for rows in range(1, n + 1):  # the divisors of n: at most a few dozen candidates, each on t x t tiles
         if n % rows:
             continue
         cols = n // rows
-        grid = tiles.float().reshape(rows, cols, c, s, s2).permute(2, 0, 3, 1, 4).reshape(1, c, rows * s, cols * s2)
-        small = F.adaptive_avg_pool2d(grid, (s, s2))  # (1, C, S, S)
-        err = float((small - thumb).pow(2).mean())
+        grid = small_tiles.reshape(rows, cols, c, t, t).permute(2, 0, 3, 1, 4).reshape(1, c, rows * t, cols * t)
+        err = float((F.adaptive_avg_pool2d(grid, (t, t)) - thumb).pow(2).mean())
         if err < best_err:
             best, best_err = (rows, cols), err
     assert best is not None
