@@ -304,3 +304,20 @@ def test_generate_with_beams_follows_the_expanded_images(family):
     n = [im.rows.shape[0] for im in image_refs(model, inputs)]  # 32, 18 (row 0), 8 (row 1)
     expect = [round(0.5 * round(0.3 * k)) for k in (n[0], n[1], n[0], n[1], n[2], n[2])]
     assert [s.n_kept for s in h.stats.images] == [max(1, e) for e in expect]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_score_option_cls_is_refused_received_is_the_default(family):
+    """Issue 15's `score` option: the Qwen ViTs have no CLS token, so "auto" is "received" and "cls" raises."""
+    model, proc = get_model(family)
+    inputs = _inputs(proc)
+    with pytest.raises(ValueError, match="score='cls'.*no CLS token"):
+        vlmdrop.apply(model, "hired", budget=0.3, score="cls")
+    assert not model._forward_pre_hooks
+    with torch.no_grad():
+        stats = []
+        for score in ("auto", "received"):
+            with vlmdrop.dropping(model, "visionzip", budget=9, score=score) as h:
+                model(**inputs)
+            stats.append([s.kept_indices.tolist() for s in h.stats.images])
+    assert stats[0] == stats[1]
