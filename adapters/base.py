@@ -12,7 +12,14 @@ What a Hugging Face VLM adapter (`HFVlmAdapter`, one file per family) must provi
  7. `on_encoded(out, arg, record)`: attach to `out` what the encode's captures recorded (`EncodeRecord`).
  8. `images(out, input_ids, layouts=...)`: every image's visual rows and `ImageTokens`, in batch order.
  9. `with_features(out, rows)`: the encoder output holding the kept rows; `project(rows)`: new rows -> LLM.
-10. The LLM stage uses `base.language_model` (`layers`, `rotary_emb`, `config`): a Llama-style decoder.
+10. The LLM stage uses `base.language_model` (`layers`, `rotary_emb`, `config`): a Llama-style decoder
+    whose layers receive `position_embeddings` (1-D RoPE, or M-RoPE's (cos, sin) per token).
+11. Positions after a vision-stage compaction (`vision_positions`): "compact" (LLaVA, InternVL: the kept
+    tokens are renumbered contiguously) or "original" (M-RoPE: `prefill_positions` gives the positions the
+    unmodified model would use for the caller's prompt, which are gathered, and `decode_positions` those of
+    a decode step called without `position_ids`).  Optional: `check_inputs(kw)` (refuse what the family
+    does not support) and `keep_features(enc, rows, selections)` (when more than the rows must follow them,
+    e.g. Qwen3-VL's DeepStack features).
 """
 
 from __future__ import annotations
@@ -100,6 +107,36 @@ class HFVlmAdapter(Adapter):
     feature_layer: int
     image_token_id: int
     pad_token_id: int
+
+    #: "compact" (kept tokens renumbered contiguously) or "original" (they keep the unmodified model's
+    #: positions, `prefill_positions` / `decode_positions`) after a vision-stage compaction
+    vision_positions: ClassVar[str] = "compact"
+
+    def check_inputs(self, kw: dict) -> None:
+        """Called with every forward's keyword arguments; raises ValueError for inputs the family does not
+        support."""
+
+    def prefill_positions(self, kw: dict) -> torch.Tensor:
+        """("original" families) the `position_ids` the unmodified model would use for this prefill's
+        uncompacted prompt, in the layout its forward accepts."""
+        raise NotImplementedError(f"{type(self).__name__} keeps vision_positions={self.vision_positions!r}")
+
+    def decode_positions(self, kw: dict, *, past: int, q_len: int, rope_deltas: Any) -> torch.Tensor:
+        """("original" families) the `position_ids` the unmodified model would use at a decode step called
+        without them, `past` tokens of the caller's sequence already in its cache."""
+        raise NotImplementedError(f"{type(self).__name__} keeps vision_positions={self.vision_positions!r}")
+
+    def captures(self, vision: VisionMethod) -> list[Any]:
+        """The hooks recording what `vision` needs during each encode (each with `begin(record)`, `end()`,
+        `remove()`); default: CLS rows from `qk_names` hooks, feature-layer keys and projector input."""
+        from .hf_vlm import cls_captures
+
+        return cls_captures(self, vision)
+
+    def keep_features(self, enc: Any, rows: list[torch.Tensor], selections: list[Any]) -> Any:
+        """`with_features(enc, rows)`; `selections` (each image's `Selection`) for families whose encoder
+        output holds more per-row tensors that must follow the kept rows."""
+        return self.with_features(enc, rows)
 
     def attention(self, layer: int) -> nn.Module:
         """The attention module of ViT layer `layer`."""

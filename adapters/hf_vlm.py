@@ -80,7 +80,7 @@ class _Encoder:
     """The sink of the swapped `get_image_features`: runs one call with the captures recording into a
     fresh `EncodeRecord`, then hands output and record to `adapter.on_encoded`."""
 
-    def __init__(self, adapter: HFVlmAdapter, captures: list[ClsRowCapture | FeatureCapture]) -> None:
+    def __init__(self, adapter: HFVlmAdapter, captures: list[Any]) -> None:
         self.adapter, self.captures = adapter, captures
 
     def __call__(self, run: Any, arg: Any) -> Any:
@@ -96,6 +96,28 @@ class _Encoder:
                 c.end()
 
 
+def cls_captures(adapter: HFVlmAdapter, vision: VisionMethod) -> list[ClsRowCapture | FeatureCapture]:
+    """The captures of a ViT whose q/k projections are submodules: per role its CLS row or the attention each
+    patch receives (the method's `score`, resolved against `has_cls`) from q/k hooks, and (for new rows) the
+    feature layer's keys and the projector's input."""
+    q_name, k_name = adapter.qk_names
+    roles = vision.vit_layers(len(adapter.layers), adapter.feature_layer)
+    score = resolve_score(vision.score, has_cls=adapter.has_cls,
+                          tower=f"vision tower of {type(adapter.model).__name__}")
+    captures: list[ClsRowCapture | FeatureCapture] = [
+        ClsRowCapture({r: adapter.attention(i) for r, i in roles.items()}, num_heads=adapter.num_heads,
+                      scale=adapter.scale, q_name=q_name, k_name=k_name, logit_roles=vision.config.logit_roles,
+                      score=score)]
+    needs = set(vision.config.needs)
+    if needs:  # feature-layer keys and the projector's input, for new (merged / pooled) rows
+        keys = getattr(adapter.attention(adapter.feature_layer), k_name)
+        captures.append(FeatureCapture(
+            k_proj=keys if "vit_keys" in needs else None,
+            projector=adapter.base.multi_modal_projector if "vit_hidden" in needs else None,
+            num_heads=adapter.num_heads))
+    return captures
+
+
 def install_hf(adapter: HFVlmAdapter, vision: VisionMethod | None, llm: LLMMethod | None,
                handle: Any) -> Installation:
     """Install `vision` and/or `llm` on `adapter.model`; everything is removed by the returned installation."""
@@ -103,22 +125,9 @@ def install_hf(adapter: HFVlmAdapter, vision: VisionMethod | None, llm: LLMMetho
     try:
         scope = CallScope(adapter.model, handle)  # its always-called hook ends each call
         inst.parts.append(scope)
-        captures: list[ClsRowCapture | FeatureCapture] = []
+        captures: list[Any] = []
         if vision is not None:
-            q_name, k_name = adapter.qk_names
-            roles = vision.vit_layers(len(adapter.layers), adapter.feature_layer)
-            score = resolve_score(vision.score, has_cls=adapter.has_cls,
-                                  tower=f"vision tower of {type(adapter.model).__name__}")
-            captures.append(ClsRowCapture({r: adapter.attention(i) for r, i in roles.items()},
-                                          num_heads=adapter.num_heads, scale=adapter.scale, q_name=q_name,
-                                          k_name=k_name, logit_roles=vision.config.logit_roles, score=score))
-            needs = set(vision.config.needs)
-            if needs:  # feature-layer keys and the projector's input, for new (merged / pooled) rows
-                keys = getattr(adapter.attention(adapter.feature_layer), k_name)
-                captures.append(FeatureCapture(
-                    k_proj=keys if "vit_keys" in needs else None,
-                    projector=adapter.base.multi_modal_projector if "vit_hidden" in needs else None,
-                    num_heads=adapter.num_heads))
+            captures = adapter.captures(vision)
             inst.parts.extend(captures)
             inst.parts.append(ClassSwap(adapter.base, recording_class(type(adapter.base), adapter.recorded_arg),
                                         _Encoder(adapter, captures)))

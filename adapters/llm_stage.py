@@ -34,6 +34,7 @@ Then:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class _Stage:
     removed: torch.Tensor  # (B,) positions removed from each row so far
     where: torch.Tensor  # (B, L) slot of each prefill position, -1 when dropped
     positions: torch.Tensor | None = None  # (B, L_s) prefill positions of the slots ("compact": renumbered)
+    emb: tuple[torch.Tensor, torch.Tensor] | None = None  # "original": (cos, sin) (B, L_s, D) the slots received
 
 
 @dataclass
@@ -94,6 +96,7 @@ class LLMForward:
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_kwargs: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)  # stage -> (mask, pos, emb)
     full: torch.Tensor | None = None  # (B, L, D) re-expansion buffer
+    deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (visual_pos_masks (B, L), rows per layer)
 
 
 def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -129,6 +132,8 @@ class LLMStageEngine:
         self.score_rule = method.score_layer
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        # Qwen3-VL: the language model adds DeepStack rows after its first layers at `visual_pos_masks`
+        self.takes_deepstack = "deepstack_visual_embeds" in inspect.signature(language_model.forward).parameters
         self._handles: list[Any] = []
         try:
             self._install()
@@ -162,6 +167,9 @@ class LLMStageEngine:
             h.append(attn.k_proj.register_forward_hook(self._k_hook(k, attn)))
         for i in range(self.drop_layers[0], self.num_layers):
             h.append(self.layers[i].register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+        if self.takes_deepstack:  # registered first: a layer's DeepStack rows join before the re-expansion
+            for i, layer in enumerate(self.layers):
+                h.append(layer.register_forward_hook(self._deepstack_post(i)))
         h.append(self.layers[-1].register_forward_hook(self._last_post))
 
     def remove(self) -> None:
@@ -175,10 +183,10 @@ class LLMStageEngine:
         return call.llm if call is not None else None
 
     # ------------------------------------------------------- language model
-    def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         call = self.scope.current
         if call is None:
-            return  # the language model run on its own, not through the patched model: nothing to do
+            return None  # the language model run on its own, not through the patched model: nothing to do
         spans, call.spans, call.llm = call.spans, None, None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         x = kwargs.get("inputs_embeds")
@@ -191,10 +199,21 @@ class LLMStageEngine:
             b, length = x.shape[0], x.shape[1]
             mask2d = mask.bool() if mask is not None else torch.ones(b, length, dtype=torch.bool, device=x.device)
             call.llm = self._start_prefill(spans, mask2d, cache)
-            return
+            if self.takes_deepstack and kwargs.get("deepstack_visual_embeds") is not None:
+                # the engine adds them itself (`_deepstack_post`), at the slots the visual tokens still hold
+                kwargs = dict(kwargs)
+                rows = list(kwargs.pop("deepstack_visual_embeds"))
+                vis = kwargs.pop("visual_pos_masks")
+                if vis is None or vis.shape != mask2d.shape:
+                    raise ValueError(f"visual_pos_masks {None if vis is None else tuple(vis.shape)} does not match "
+                                     f"the sequence {tuple(mask2d.shape)}")
+                call.llm.deepstack = (vis.bool(), rows)
+                return args, kwargs
+            return None
         state = call.cache.llm if call.cache is not None else None
         if state is not None:
             call.llm = LLMForward(mode="decode", cache=cache, mask2d=mask, stages=state.stages, length=state.orig_len)
+        return None
 
     def _start_prefill(self, spans: list[ImageSpan], mask2d: torch.Tensor, cache: Any) -> LLMForward:
         b, length = mask2d.shape
@@ -321,7 +340,7 @@ class LLMStageEngine:
             mask, pos, emb = fwd.layer_kwargs[stage]
             kwargs = dict(kwargs)
             kwargs["attention_mask"] = mask
-            if pos is not None:
+            if emb is not None:
                 kwargs["position_ids"] = pos
                 kwargs["position_embeddings"] = emb
             return args, kwargs
@@ -389,24 +408,33 @@ class LLMStageEngine:
         stage = _Stage(layer=k, src=plan.src, valid=plan.valid, prefix_mask=new.mask, removed=plan.removed,
                        where=new.where)
         pos_ids = kwargs.get("position_ids")
-        if pos_ids is None:
-            pos_ids = torch.arange(length, device=device)[None]
         if self.method.positions == "compact":
+            if pos_ids is None:
+                pos_ids = torch.arange(length, device=device)[None]
             stage.positions = compact_positions(pos_ids, plan).to(device)  # (B, L_s)
         else:
-            stage.positions = gather_rows(pos_ids.expand(b, -1), plan, fill=0)  # (B, L_s)
+            # every kept token keeps the rotary embedding it received (whatever the RoPE: 1-D, M-RoPE, ...)
+            emb = kwargs.get("position_embeddings")
+            if emb is None:
+                raise ValueError(f"decoder layer {k} received no position_embeddings; vlmdrop supports RoPE "
+                                 "decoders that pass (cos, sin) to every layer")
+            stage.emb = tuple(_gather_slots(e, plan.src, b) for e in emb)  # (B, L_s, D) each
+            if pos_ids is not None:  # the positions the layers receive besides (masks, flash attention)
+                stage.positions = gather_rows(pos_ids.expand(b, -1), plan, fill=0)  # (B, L_s)
         fwd.stages.append(stage)
         return _with_hidden(args, kwargs, new.rows)
 
     def _stage_kwargs(self, fwd: LLMForward, stage: _Stage, hidden: torch.Tensor, kwargs: dict) -> tuple[Any, Any, Any]:
-        """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; positions None
-        when the layers keep the ones they receive."""
+        """(attention_mask, position_ids, position_embeddings) for the layers of `stage`; embeddings None
+        when the layers keep the positions they receive."""
         from transformers.masking_utils import create_causal_mask
 
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        emb = None
         if fwd.mode == "prefill":
             mask2d = stage.prefix_mask
             pos = stage.positions
+            emb = stage.emb
         else:
             q_len = hidden.shape[1]
             past = int(cache.get_seq_length(stage.layer)) if cache is not None else 0
@@ -426,8 +454,34 @@ class LLMStageEngine:
                 pos = pos_ids - stage.removed.to(pos_ids.device)[:, None]  # (B, q)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache,
                                   position_ids=pos, layer_idx=stage.layer)
-        emb = self.rotary_emb(hidden, pos) if pos is not None else None
+        if emb is None and pos is not None and self.method.positions == "compact":
+            emb = self.rotary_emb(hidden, pos)
         return mask, pos, emb
+
+    # -------------------------------------------------------------- DeepStack
+    def _deepstack_post(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            fwd = self._fwd()
+            if fwd is None or fwd.mode != "prefill" or fwd.deepstack is None or i >= len(fwd.deepstack[1]):
+                return None
+            vis, rows = fwd.deepstack  # (B, L) visual positions; rows[i]: (n_visual, D) in their order
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
+            stage = self._stage_of(fwd, i)
+            hidden = hidden.clone()
+            add = rows[i].to(hidden.device, hidden.dtype)  # (n_visual, D)
+            vis = vis.to(hidden.device)
+            if stage < 0:  # nothing dropped yet: the language model's own `_deepstack_process`
+                hidden[vis, :] = hidden[vis, :] + add
+            else:  # only the visual tokens still present, at the slots they now hold
+                where = fwd.stages[stage].where.to(hidden.device)  # (B, L)
+                order = torch.cumsum(vis.flatten().long(), 0).reshape(vis.shape) - 1  # (B, L) row of each
+                alive = vis & (where >= 0)  # (B, L)
+                bb, pp = alive.nonzero(as_tuple=True)
+                slots = where[bb, pp]
+                hidden[bb, slots, :] = hidden[bb, slots, :] + add[order[bb, pp]]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
 
     # ---------------------------------------------------------------- output
     def _last_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -437,3 +491,9 @@ class LLMStageEngine:
         hidden = output[0] if isinstance(output, tuple) else output  # (B, L_s, D)
         full = scatter_back(fwd.full, fwd.stages[-1].src, fwd.stages[-1].valid, hidden)  # (B, L, D)
         return (full, *output[1:]) if isinstance(output, tuple) else full
+
+
+def _gather_slots(x: torch.Tensor, src: torch.Tensor, b: int) -> torch.Tensor:
+    """(B or 1, L, D) -> (B, L_s, D): the rows `src` (B, L_s) names (padding slots copy row `src`=0's)."""
+    src = src.to(x.device)
+    return x.expand(b, -1, -1).gather(1, src[..., None].expand(-1, -1, x.shape[-1]))

@@ -27,7 +27,7 @@ from torch import nn
 from vlmdrop import kernels
 from vlmdrop.interface import LLMMethod, VisionMethod
 from vlmdrop.methods.select import select_images
-from vlmdrop.ops.compact import extend_mask
+from vlmdrop.ops.compact import extend_mask, gather_positions, plan_compaction
 from vlmdrop.stats import ImageStats
 
 from .base import HFVlmAdapter, ImageInput
@@ -58,6 +58,7 @@ class PrefillHook:
         extra = kw.pop("kwargs", None)
         if isinstance(extra, dict):
             kw.update(extra)
+        self.adapter.check_inputs(kw)
         mm = kw.get("mm_encoder_outputs") or {}
         if kw.get("pixel_values") is not None or mm.get("image") is not None:
             return (), self._prefill(kw, call)
@@ -113,6 +114,8 @@ class PrefillHook:
         ph = input_ids == self.adapter.image_token_id  # (B, L)
         rows, cols = ph.nonzero(as_tuple=True)  # (P,) each
         keep_ph = torch.zeros(rows.numel(), dtype=torch.bool, device=input_ids.device)  # (P,)
+        # "original" positions: the placeholder whose position each placeholder slot takes
+        pos_src = torch.arange(rows.numel(), device=input_ids.device)  # (P,)
         new_feats, offset = [], 0
         for im, ch in zip(inputs, chosen):
             sel, feat = ch.selection, im.rows  # feat: (n_before, D)
@@ -120,20 +123,32 @@ class PrefillHook:
             # placeholders are identical tokens: with new rows the image keeps its first n_kept slots
             slots = kept if sel.n_new == 0 else torch.arange(ch.stats.n_kept)
             keep_ph[offset + slots.to(keep_ph.device)] = True
+            if sel.n_new:  # kept rows keep their own positions; a new row takes its group's first position
+                reps = torch.stack([g[0] for g in sel.new_groups]) if sel.new_groups else torch.arange(sel.n_new)
+                src = torch.cat([kept, reps.to(kept.device)]).to(pos_src.device)  # (n_kept,)
+                pos_src[offset + slots.to(pos_src.device)] = offset + src
             out_rows = feat[kept.to(feat.device)]  # (n_kept - n_new, D)
             if sel.n_new:
                 made = self.adapter.project(sel.new_rows).to(device=feat.device, dtype=feat.dtype)  # (n_new, D)
                 out_rows = torch.cat([out_rows, made])
             new_feats.append(out_rows)
             offset += feat.shape[0]
+        selections = [ch.selection for ch in chosen]
         kw["mm_encoder_outputs"] = {**kw["mm_encoder_outputs"],
-                                    "image": self.adapter.with_features(kw["mm_encoder_outputs"]["image"], new_feats)}
+                                    "image": self.adapter.keep_features(kw["mm_encoder_outputs"]["image"], new_feats,
+                                                                        selections)}
         if not bool(keep_ph.all()):
-            self._compact(kw, call, rows[~keep_ph], cols[~keep_ph])
+            pos_cols = None
+            if self.adapter.vision_positions == "original":  # (B, L) column whose position each column takes
+                pos_cols = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone()
+                pos_cols[rows, cols] = cols[pos_src]
+            self._compact(kw, call, rows[~keep_ph], cols[~keep_ph], pos_cols)
         return [ch.stats for ch in chosen]
 
-    def _compact(self, kw: dict, call: Call, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Remove the placeholders at (`rows`, `cols`) from every sequence-length argument of `kw`."""
+    def _compact(self, kw: dict, call: Call, rows: torch.Tensor, cols: torch.Tensor,
+                 pos_cols: torch.Tensor | None = None) -> None:
+        """Remove the placeholders at (`rows`, `cols`) from every sequence-length argument of `kw`;
+        `pos_cols` ("original" positions): the (B, L) column whose position each column keeps."""
         input_ids = kw["input_ids"]  # (B, L)
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         keep[rows, cols] = False
@@ -141,8 +156,14 @@ class PrefillHook:
         mask = kw.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"vlmdrop needs a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        original = self.adapter.vision_positions == "original"
         pos = kw.get("position_ids")
-        if pos is not None and pos.dim() != 2:
+        rope_deltas, mrope = None, None
+        if original:  # (B, L), (3, B, L) or (4, B, L): the positions the unmodified model would use
+            mrope = self.adapter.prefill_positions(kw)
+            rope_deltas = getattr(self.adapter.base, "rope_deltas", None)
+            pos = None  # the kernel's renumbered positions are not used
+        elif pos is not None and pos.dim() != 2:
             raise ValueError(f"vlmdrop needs 2-D position_ids, got shape {tuple(pos.shape)}")
         # ids, mask and positions in one launch (vlmdrop.kernels.compact_rows); the ids ride as a (B, L, 1) row
         ids, valid, new_pos = kernels.compact_rows(input_ids[..., None], keep, position_ids=pos, attention_mask=mask,
@@ -152,11 +173,17 @@ class PrefillHook:
         removed = l_orig - keep.sum(dim=1)  # (B,)
         mask_needed = bool((removed != removed.min()).any())  # rows lost different counts: new left padding
         kw["attention_mask"] = new_mask if (mask is not None or mask_needed) else None
-        kw["position_ids"] = new_pos  # (B, L')
+        if original:  # the kept tokens' own positions, gathered into the same right-aligned slots
+            kw["position_ids"] = gather_positions(mrope, plan_compaction(keep), columns=pos_cols)  # (..., B, L')
+        else:
+            kw["position_ids"] = new_pos  # (B, L')
+        if kw.get("mm_token_type_ids") is not None:
+            kw["mm_token_type_ids"] = kernels.compact_rows(kw["mm_token_type_ids"][..., None], keep, fill=0)[0][..., 0]
         if kw.get("labels") is not None:
             kw["labels"] = kernels.compact_rows(kw["labels"][..., None], keep, fill=-100)[0][..., 0]
         call.cache.vision = VisionDecode(orig_len=l_orig, new_len=ids.shape[1], prefix_mask=new_mask,
-                                         removed=removed, mask_needed=mask_needed)
+                                         removed=removed, mask_needed=mask_needed,
+                                         positions=self.adapter.vision_positions, rope_deltas=rope_deltas)
 
     def _spans(self, input_ids: torch.Tensor, kept: list[ImageStats] | None, counts: list[int],
                samples: list[int]) -> list[ImageSpan]:
@@ -175,19 +202,26 @@ class PrefillHook:
         return spans
 
     # ----------------------------------------------------------------- decode
-    @staticmethod
-    def _decode(kw: dict, state: VisionDecode, cache: Any) -> dict:
+    def _decode(self, kw: dict, state: VisionDecode, cache: Any) -> dict:
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         q_len = x.shape[1]
         past_new = int(cache.get_seq_length())
         tail = past_new - state.new_len + q_len
+        past_orig = state.orig_len + past_new - state.new_len
         mask = kw.get("attention_mask")
-        if mask is not None or state.mask_needed:
-            kw["attention_mask"] = extend_mask(state.prefix_mask, mask, orig_prefix=state.orig_len, tail=tail)
         pos = kw.get("position_ids")
         removed = state.removed.to(x.device)[:, None]  # (B, 1)
-        if pos is None:
-            past_orig = state.orig_len + past_new - state.new_len
-            pos = torch.arange(past_orig, past_orig + q_len, device=x.device)[None]  # (1, q)
-        kw["position_ids"] = pos - removed  # (B, q)
+        if state.positions == "original":
+            # the unmodified model's positions: the caller's, or those the model would derive itself
+            if pos is None:
+                pos = self.adapter.decode_positions(kw, past=past_orig, q_len=q_len, rope_deltas=state.rope_deltas)
+            elif pos.dim() == 3 and pos.shape[0] == 4:  # (text, t, h, w): the text row counts slots (masks)
+                pos = torch.cat([pos[:1] - removed[None], pos[1:]])
+            kw["position_ids"] = pos
+        else:
+            if pos is None:
+                pos = torch.arange(past_orig, past_orig + q_len, device=x.device)[None]  # (1, q)
+            kw["position_ids"] = pos - removed  # (B, q)
+        if mask is not None or state.mask_needed:
+            kw["attention_mask"] = extend_mask(state.prefix_mask, mask, orig_prefix=state.orig_len, tail=tail)
         return kw

@@ -75,6 +75,8 @@ class VisionDecode:
     prefix_mask: torch.Tensor  # (B, L') mask of the compacted prefill
     removed: torch.Tensor  # (B,) positions removed per row
     mask_needed: bool  # the compaction introduced padding, so a mask must always be passed
+    positions: str = "compact"  # "compact": decode positions move back by `removed`; "original": kept as they are
+    rope_deltas: Any = None  # "original" (M-RoPE): the prefill's rope deltas, for decode steps without positions
 
 
 @dataclass

@@ -12,7 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdrop.testing import tiny_internvl, tiny_llava, tiny_llava_next, tiny_llava_onevision
+from vlmdrop.testing import (
+    tiny_internvl,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_qwen2_5_vl,
+    tiny_qwen3_5,
+    tiny_qwen3_vl,
+)
 
 # The test models are tiny: one thread is faster than two (no oversubscription on shared CI cores).
 torch.set_num_threads(1)
@@ -69,7 +77,8 @@ def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
     model configured differently from the shared one.
 
     Families: "llava", "llava_next", "internvl", "internvl_qknorm" (qk-norm ViT), "llava_onevision" (SigLIP
-    without CLS, Qwen2 LLM, grids down-sampled above anyres_max_4), with `TEXT_LAYERS` decoder
+    without CLS, Qwen2 LLM, grids down-sampled above anyres_max_4), "qwen2_5_vl", "qwen3_vl" (M-RoPE; windowed
+    ViT / DeepStack), "qwen3_5" (Qwen3-VL's ViT, hybrid linear-attention LLM), with `TEXT_LAYERS` decoder
     layers; open_clip towers "open_clip", "open_clip_qknorm" (qk-norm, avg pool), "open_clip_rn" (ResNet:
     unsupported) with processor None (their attention is their own: pass attn="native").
     """
@@ -84,7 +93,8 @@ def get_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
         else:
             builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl,
                         "llava_onevision": tiny_llava_onevision,
-                        "internvl_qknorm": lambda **kw: tiny_internvl(use_qk_norm=True, **kw)}
+                        "internvl_qknorm": lambda **kw: tiny_internvl(use_qk_norm=True, **kw),
+                        "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "qwen3_5": tiny_qwen3_5}
             if family not in builders:
                 raise ValueError(f"family={family!r}; valid: {sorted(builders) + sorted(OPEN_CLIP_CONFIGS)}")
             model, proc = builders[family](**{"text_layers": TEXT_LAYERS, **config}, attn_implementation=attn)

@@ -48,6 +48,7 @@ class ImageRef:
     pre: torch.Tensor  # (n, C) the projector's input at each position (zeros on newline rows)
     content: torch.Tensor  # (n,) bool, False on LLaVA-NeXT's newline rows
     crops: int  # crops the model encodes for it (LLaVA-NeXT: base + grid; InternVL: tiles)
+    deepstack: list = field(default_factory=list)  # Qwen3-VL: (n, D) DeepStack rows per DeepStack layer
 
 
 def _placeholder_runs(input_ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
@@ -79,9 +80,59 @@ def _assign_rows(input_ids: torch.Tensor, token: int, sizes: list[int]) -> list[
     return samples
 
 
+QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+
+
+def _qwen_image_refs(model: nn.Module, inputs: dict) -> list[ImageRef]:
+    """Qwen-VL: each image's merger output, and the merger's normalised input (4 patches per LLM token) put
+    in LLM-token order by the model's own un-permutation (`argsort(window_index)`)."""
+    mm = model.model
+    visual = mm.visual
+    seen = {}
+
+    def grab(module, args):  # returns None: the input goes on unchanged
+        seen.setdefault("pre", args[0].detach())
+
+    hook = visual.merger.register_forward_pre_hook(grab)
+    grid = inputs["image_grid_thw"]
+    try:
+        with torch.no_grad():
+            out = mm.get_image_features(inputs["pixel_values"], grid, return_dict=True)
+    finally:
+        hook.remove()
+    merger = visual.merger
+    with torch.no_grad():
+        if model.config.model_type == "qwen2_5_vl":
+            pre = merger.ln_q(seen["pre"]).view(-1, merger.hidden_size)  # (S/4, 4C) window order
+            from transformers.vision_utils import get_vision_window_index
+
+            widx, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+            pre = pre[torch.argsort(widx)]  # as the model un-permutes its merger output
+        else:
+            pre = merger.norm(seen["pre"]).view(-1, merger.hidden_size)  # (S/4, 4C)
+    rows = list(out.pooler_output)
+    pres = list(torch.split(pre, [r.shape[0] for r in rows]))
+    samples = _assign_rows(inputs["input_ids"], model.config.image_token_id, [r.shape[0] for r in rows])
+    refs = [ImageRef(s, r, p, torch.ones(r.shape[0], dtype=torch.bool), 1) for s, r, p in zip(samples, rows, pres)]
+    for i, ref in enumerate(refs):  # Qwen3-VL: each image's DeepStack rows, one (n, D) per DeepStack layer
+        ref.deepstack = [layer[i] for layer in (getattr(out, "deepstack_features", None) or [])]
+    return refs
+
+
+def qwen_project(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The rest of a Qwen merger: (n, 4C) normalised merger input -> (n, D)."""
+    m = model.model.visual.merger
+    if model.config.model_type == "qwen2_5_vl":
+        return m.mlp(rows)
+    return m.linear_fc2(m.act_fn(m.linear_fc1(rows)))
+
+
 def image_refs(model: nn.Module, inputs: dict) -> list[ImageRef]:
     """Every image of `inputs` (batch order, then prompt order), through the model's own `get_image_features`
     and, for the projector's input, a pre-hook on its `multi_modal_projector`."""
+    if model.config.model_type in QWEN_TYPES:
+        return _qwen_image_refs(model, inputs)
     mm = model.model
     seen = {}
 
@@ -184,8 +235,104 @@ def vision_rows(model: nn.Module, image: ImageRef, stat) -> torch.Tensor:
         rule = NEW_ROW[stat.method.split("+")[0]]
         with torch.no_grad():
             made = torch.stack([rule(image.pre, g) for g in stat.new_groups])  # (n_new, C)
-            rows = torch.cat([rows, model.model.multi_modal_projector(made).to(rows.dtype)])
+            if model.config.model_type in QWEN_TYPES:
+                projected = qwen_project(model, made)
+            else:
+                projected = model.model.multi_modal_projector(made)
+            rows = torch.cat([rows, projected.to(rows.dtype)])
     return rows
+
+
+def qwen_sample_reference(model: nn.Module, inputs: dict, b: int, images: list[ImageRef], stats: list | None,
+                          plan: LLMPlan | None = None, *, n_new: int, next_token: int | None = None) -> SampleRef:
+    """Qwen-VL, sample b alone and unpadded, by hand on the unmodified model: the M-RoPE positions the model's
+    own `get_rope_index` gives the sample's *whole* prompt, kept (and its text) rows only -- each image's rows
+    at `stats[i].kept_indices` then its new rows (made by `NEW_ROW` from the merger input, placed at the first
+    position each summarises) -- fed to the language model with those positions; for Qwen3-VL the DeepStack
+    rows of exactly those rows (new rows: the mean of their group's) with `visual_pos_masks` at them.
+    `stats` None: every row.  Then one manual cache step fed `next_token` and a greedy continuation, each
+    decode position one past the prompt's largest (the unmodified model's rule); `plan`: the LLM stage by
+    masking (eager model)."""
+    mm = model.model
+    valid = inputs["attention_mask"][b].bool()
+    ids = inputs["input_ids"][b][valid]
+    tt = inputs["mm_token_type_ids"][b][valid]
+    mine = [i for i, im in enumerate(images) if im.sample == b]
+    grid = inputs["image_grid_thw"][[i for i in mine]] if mine else None
+    with torch.no_grad():
+        pos, _ = mm.get_rope_index(ids[None], mm_token_type_ids=tt[None], image_grid_thw=grid)  # (3, 1, L)
+    ph = (ids == model.config.image_token_id).nonzero(as_tuple=True)[0]
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    src = torch.arange(ids.numel())  # the position each kept token takes
+    rows, deep, off = [], [], 0
+    for i in mine:
+        im, n = images[i], images[i].rows.shape[0]
+        st = stats[i] if stats is not None else None
+        kept = st.kept_indices if st is not None else torch.arange(n)
+        r = vision_rows(model, im, st) if st is not None else im.rows
+        reps = torch.stack([g[0] for g in st.new_groups]) if st is not None and st.n_new else kept[:0]
+        keep[ph[off:off + n]] = False
+        keep[ph[off:off + r.shape[0]]] = True
+        src[ph[off:off + r.shape[0]]] = ph[off + torch.cat([kept, reps])]
+        rows.append(r)
+        layers = getattr(im, "deepstack", [])
+        if layers:
+            made = [torch.stack([d[g].mean(0) for g in st.new_groups]) if st is not None and st.n_new else d[:0]
+                    for d in layers]
+            deep.append([torch.cat([d[kept], m]) for d, m in zip(layers, made)])
+        off += n
+    ids_kept = ids[keep]
+    pos = pos[:, :, src[keep]]  # (3, 1, L_b) the kept tokens' own positions
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids_kept)[None].clone()  # (1, L_b, D)
+        vis = ids_kept == model.config.image_token_id  # (L_b,)
+        if rows:
+            emb[0, vis] = torch.cat(rows).to(emb.dtype)
+    spans, off = [], 0
+    vis_pos = vis.nonzero(as_tuple=True)[0]
+    for r in rows:
+        spans.append(vis_pos[off:off + r.shape[0]])
+        off += r.shape[0]
+    extra = {}
+    if deep:
+        extra = {"visual_pos_masks": vis[None],
+                 "deepstack_visual_embeds": [torch.cat([d[j] for d in deep]) for j in range(len(deep[0]))]}
+    lm = mm.language_model
+
+    def run(e, p, cache=None, mask=None, **kw):
+        out = lm(inputs_embeds=e, position_ids=p, cache=cache, use_cache=True, attention_mask=mask, **kw)
+        return model.lm_head(out.last_hidden_state)[0], out.cache
+
+    if plan is not None and spans:
+        ctx, kept_llm = llm_stage_reference(model, emb, spans, plan, run=lambda e: run(e, pos, **extra))
+        live = ~ctx.dropped[-1]
+    else:
+        ctx, kept_llm = None, [torch.arange(len(s)) for s in spans]
+        live = torch.ones(emb.shape[1], dtype=torch.bool)
+    nxt_pos = int(pos.max()) + 1
+    L = emb.shape[1]
+    with torch.no_grad():
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            logits, cache = run(emb, pos, **extra)
+            step = None
+            if next_token is not None:
+                e = model.get_input_embeddings()(torch.tensor([[next_token]]))
+                p = torch.full((3, 1, 1), nxt_pos)
+                step = run(e, p, cache=cache, mask=torch.ones(1, L + 1, dtype=torch.long))[0][-1]
+            # greedy continuation from a fresh prefill
+            logits_g, cache = run(emb, pos, **extra)
+            tokens = [int(logits_g[-1].argmax())]
+            for t in range(1, n_new):
+                e = model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
+                p = torch.full((3, 1, 1), nxt_pos + t - 1)
+                lg, cache = run(e, p, cache=cache, mask=torch.ones(1, L + t, dtype=torch.long))
+                tokens.append(int(lg[-1].argmax()))
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+    return SampleRef(logits, live, step, tokens, kept_llm)
 
 
 def sample_embeds(model: nn.Module, inputs: dict, b: int, images: list[ImageRef],
@@ -346,7 +493,7 @@ class MaskedLM:
 
 
 def llm_stage_reference(model: nn.Module, emb: torch.Tensor, spans: list[torch.Tensor],
-                        plan: LLMPlan) -> tuple[MaskedLM, list[torch.Tensor]]:
+                        plan: LLMPlan, *, run: Callable | None = None) -> tuple[MaskedLM, list[torch.Tensor]]:
     """Stage by stage on the eager `model` (one sample, `emb` (1, L, D)): the last token's attention
     probabilities (mean over heads) in layer K-1, or in layer K itself while only the earlier stages' drops
     are masked (`plan.score == "current"`: layer K on its input before the drop), rank each image's present
@@ -364,7 +511,7 @@ def llm_stage_reference(model: nn.Module, emb: torch.Tensor, spans: list[torch.T
         hook = model.model.language_model.layers[scorer].self_attn.register_forward_hook(grab)
         try:
             with torch.no_grad(), ref:
-                model(inputs_embeds=emb)
+                run(emb) if run is not None else model(inputs_embeds=emb)
         finally:
             hook.remove()
         assert seen["w"] is not None, "the masking reference needs attention weights (an eager model)"

@@ -41,6 +41,22 @@ def test_cli_run_with_model_folder_and_image(tmp_path, capsys):
     assert "random   (5 visual tokens" in out and "(16 visual tokens" in out
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cli_run_with_a_qwen_checkpoint_folder(family, tmp_path, capsys):
+    """A saved Qwen2.5-VL / Qwen3-VL checkpoint (as Qwen/Qwen2.5-VL-3B-Instruct loads): its processor's chat
+    template, a vision-stage and an LLM-stage method."""
+    model, proc = get_model(family)
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    make_image(80, 120).save(tmp_path / "img.png")  # resized to 80x128 px: a 5x8 grid of 40 LLM tokens
+    for method, budget, kept in (("hired", "0.25", 10), ("fastv", "0.5", 20)):
+        rc = main(["run", "--model", str(tmp_path / "ckpt"), "--image", str(tmp_path / "img.png"), "--question",
+                   "what color ?", "--method", method, "--budget", budget, "--max-new-tokens", "2", "--repeat", "1"])
+        assert rc == 0
+        out = capsys.readouterr().out
+        assert "full     (40 visual tokens" in out and f"{method:<8} ({kept} visual tokens" in out, out
+
+
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "vlmdrop", "run", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--budget" in r.stdout and "--repeat" in r.stdout

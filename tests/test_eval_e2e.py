@@ -139,6 +139,25 @@ def test_cli_model_from_a_checkpoint_folder(tmp_path, capsys):
     assert "| hired | 0.25 |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cli_qwen_checkpoint_folder(family, tmp_path, capsys):
+    from conftest import get_model
+
+    from vlmdrop.eval.cli import cli
+
+    model, processor = get_model(family)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    rc = cli(["--model", str(tmp_path / "ckpt"), "--task", "easyvqa", "--limit", "2", "--method", "hired,fastv",
+              "--budget", "0.25", "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "o"),
+              "--no-progress"])
+    assert rc == 0
+    for method in ("hired", "fastv"):
+        rows = read_jsonl(tmp_path / "o" / "easyvqa" / f"{method}@0.25.part0.jsonl")
+        assert len(rows) == 2 and all(r["n_kept"] == max(1, round(0.25 * r["n_before"])) for r in rows), rows
+    assert "| hired | 0.25 |" in capsys.readouterr().out
+
+
 def test_llm_stage_methods_take_their_budget_parameter(tmp_path, capsys):
     from vlmdrop.eval.cli import cli
     from vlmdrop.eval.params import method_params

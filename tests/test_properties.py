@@ -36,6 +36,7 @@ from references import (
     llm_plan,
     manual_tower,
     model_state,
+    qwen_sample_reference,
     sample_embeds,
     sample_reference,
     stats_rows,
@@ -43,6 +44,7 @@ from references import (
 )
 
 import vlmdrop
+from vlmdrop.testing import QWEN_IMAGE
 
 # ---------------------------------------------------------------------------------------------- methods
 VISION_METHODS = ("hired", "random", "visionzip", "pool", "globalcom2")
@@ -94,11 +96,22 @@ METHODS = {
     "globalcom2+fastv": _stack("globalcom2", {"budget": 0.5}, "fastv", {"layer": 3, "keep": 0.3},
                                {"layer": 3, "keep": 1.0}),
 }
+# M-RoPE families refuse positions="compact" (test_qwen_vl.py): their cells of those two run "original"
+COMPACT = ("pdrop", "pool+fastv")
+MROPE_METHODS = {
+    "pdrop_original": Method("pdrop", {"layers": (1, 3), "ratio": (0.6, 0.5)}, METHODS["pdrop"].full,
+                             METHODS["pdrop"].sweep),
+    "pool+fastv_original": _stack("pool", {"budget": 0.5}, "fastv", {"layer": 1, "keep": 5},
+                                  {"layer": 1, "keep": 1.0}),
+}
 
 # ------------------------------------------------------------------------------------------------- grid
-HF_FAMILIES = ("llava", "llava_next", "internvl", "llava_onevision")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # M-RoPE: kept tokens keep their original positions
+HF_FAMILIES = ("llava", "llava_next", "internvl", "llava_onevision") + QWEN_FAMILIES
 OPEN_CLIP_FAMILIES = ("open_clip", "open_clip_qknorm")
 SUPPORTED = {f: tuple(METHODS) for f in HF_FAMILIES}
+SUPPORTED.update({f: tuple(m for m in METHODS if m not in COMPACT) + tuple(MROPE_METHODS) for f in QWEN_FAMILIES})
+METHODS.update(MROPE_METHODS)
 SUPPORTED.update({f: ("hired", "visionzip", "random", "pool") for f in OPEN_CLIP_FAMILIES})
 BACKENDS = {**{f: ("eager", "sdpa") for f in HF_FAMILIES}, **{f: ("native",) for f in OPEN_CLIP_FAMILIES}}
 OPEN_CLIP_LAYER = 2  # open_clip: blocks 2.. run on the kept tokens
@@ -156,7 +169,8 @@ GRID_SIZES = {"llava": [(60, 130), (90, 50), (56, 56)],  # 16 tokens each
               "internvl": [(60, 130), (56, 56), (50, 300)],  # 3, 1, 7 tiles -> 48, 16, 112 tokens
               # row 0 is a multi-image prompt (one crop + newline each: 17, 17); (160, 160): a 3x3 grid
               # down-sampled to 8x8 (anyres_max_4) -> 88 tokens
-              "llava_onevision": [(60, 130), (90, 50), (160, 160)]}
+              "llava_onevision": [(60, 130), (90, 50), (160, 160)],
+              **{f: [(60, 130), (90, 50), (40, 70)] for f in QWEN_FAMILIES}}  # grids 4x8, 6x3, 2x4 tokens
 GRID_PROMPTS = ["USER: <image>\nwhat is the shape ? and <image>\nthe colour ? ASSISTANT:",
                 "USER: what color is this ? ASSISTANT:",
                 "USER: <image>\nis there a red circle in the picture ? ASSISTANT:"]
@@ -164,11 +178,14 @@ GRID_PROMPTS = ["USER: <image>\nwhat is the shape ? and <image>\nthe colour ? AS
 COUNT_SIZES = {"llava": IMAGE_SIZES[:3], "llava_next": IMAGE_SIZES,
                "internvl": [(56, 56), (60, 130), (90, 50), (50, 300), (200, 100), (130, 120)],
                # grids 2x3 (down-sampled), 2x1, 3x2 (down-sampled), 2x3, 3x3 (down-sampled), 1x1, 1x3
-               "llava_onevision": [(60, 130), (90, 50), (120, 110), (110, 170), (160, 160), (56, 56), (40, 170)]}
+               "llava_onevision": [(60, 130), (90, 50), (120, 110), (110, 170), (160, 160), (56, 56), (40, 170)],
+               **{f: [(56, 56), (60, 130), (90, 50), (50, 300), (200, 100), (130, 120)] for f in QWEN_FAMILIES}}
 N_NEW = 4  # generated tokens
 
 
 def _prompts(family: str, prompts: list[str]) -> list[str]:
+    if family in QWEN_FAMILIES:
+        return [p.replace("<image>", QWEN_IMAGE) for p in prompts]
     return [p.replace("<image>", "<IMG_CONTEXT>") for p in prompts] if family == "internvl" else prompts
 
 
@@ -334,7 +351,7 @@ def _check_llm_counts(model, inputs, method, params, images):
     for b, n in enumerate(expect):
         assert bool(mask[b, mask.shape[1] - n:].all()), params  # left padding
     pos = seen.get("position_ids")
-    if vision is not None and pos is not None:
+    if vision is not None and pos is not None and pos.dim() == 2:  # (M-RoPE keeps positions: test_qwen_vl.py)
         for b in range(len(rows)):
             p = pos[b][mask[b].bool()]
             assert torch.all(p[1:] - p[:-1] == 1), (params, p)  # contiguous: no gap where rows were removed
@@ -371,15 +388,19 @@ def test_forward_and_generate_equal_reference(family, method, attn):
     ref_model = get_model(family, "eager")[0] if llm else model  # the masking reference needs attention weights
     inputs = grid_inputs(family, proc)
     mask, L = inputs["attention_mask"], inputs["input_ids"].shape[1]
+    qwen = family in QWEN_FAMILIES  # M-RoPE: the model's own positions, at prefill and at the manual step
     pos = cumsum_positions(mask)
     with torch.no_grad():
         with vlmdrop.dropping(model, _spec(method), **params) as h:
-            out = model(**inputs, position_ids=pos, use_cache=True)
+            out = model(**inputs, use_cache=True) if qwen else model(**inputs, position_ids=pos, use_cache=True)
             prefill = _stats_key(h.stats.images)
             stats = list(h.stats.images)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            # M-RoPE: one past each row's largest position (transformers 5.24's Qwen-VL cannot derive it at a
+            # cached step given the full mask: its compute_3d_position_ids does not slice to the new token)
+            step_pos = {"position_ids": _next_mrope(model, inputs)} if qwen else {"position_ids": pos[:, -1:] + 1}
             step = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
-                         position_ids=pos[:, -1:] + 1, cache=out.cache).logits[:, -1]
+                         cache=out.cache, **step_pos).logits[:, -1]
             gen = model.generate(**inputs, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
             assert _stats_key(h.stats.images) == prefill  # decode steps never overwrite the prefill's stats
         if vision and llm:  # the vision stage alone (its own cells check it), then the LLM stage by masking
@@ -396,9 +417,14 @@ def test_forward_and_generate_equal_reference(family, method, attn):
         plan = llm_plan(*llm) if llm else None
         assert torch.equal(gen[:, :L], inputs["input_ids"])
         for b in range(mask.shape[0]):
-            emb, spans = sample_embeds(ref_model, inputs, b, images, rows)
-            ref = sample_reference(ref_model, emb, spans, plan, n_new=N_NEW, next_token=int(nxt[b]))
-            n = emb.shape[1]
+            if qwen:  # kept rows at their original M-RoPE positions (and DeepStack rows at the same rows)
+                ref = qwen_sample_reference(ref_model, inputs, b, images, vstats, plan, n_new=N_NEW,
+                                            next_token=int(nxt[b]))
+                n = ref.logits.shape[0]
+            else:
+                emb, spans = sample_embeds(ref_model, inputs, b, images, rows)
+                ref = sample_reference(ref_model, emb, spans, plan, n_new=N_NEW, next_token=int(nxt[b]))
+                n = emb.shape[1]
             torch.testing.assert_close(out.logits[b, -n:][ref.live], ref.logits[ref.live], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(step[b], ref.step_logits, atol=1e-4, rtol=1e-4)
             assert gen[b, L:].tolist() == ref.tokens, b
@@ -413,6 +439,14 @@ def test_forward_and_generate_equal_reference(family, method, attn):
                 assert [g.tolist() for g in s.new_groups or []] == [v.new_groups[j].tolist() for j in new.tolist()]
                 if v is not None:  # the vision stage's per-crop accounting
                     assert (s.crop_budgets, s.crop_kept) == (v.crop_budgets, v.crop_kept)
+
+
+def _next_mrope(model, inputs) -> torch.Tensor:
+    """(3, B, 1) the unmodified model's M-RoPE position of the token after the prompt."""
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs["image_grid_thw"],
+                                        attention_mask=inputs["attention_mask"])  # (3, B, L)
+    return pos.amax(dim=(0, 2))[None, :, None].expand(3, -1, -1) + 1
 
 
 def _check_tower_reference(family, method):

@@ -207,6 +207,121 @@ def tiny_internvl(*, seed: int = 0, tile_size: int = 64, patch_size: int = 8, vi
     return model, processor
 
 
+QWEN_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|video_pad|>"]
+#: what a Qwen chat template writes for one image; the processor expands `<|image_pad|>` to the image's tokens
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_CHAT_TEMPLATE = _chat_template(QWEN_IMAGE)
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen-VL's `<|image_pad|>`, `<|vision_start|>`, `<|vision_end|>`,
+    `<|video_pad|>` special tokens."""
+    return _word_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                           "vision_start_token": "<|vision_start|>",
+                                           "vision_end_token": "<|vision_end|>"},
+                           QWEN_CHAT_TEMPLATE, isolate=("?", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+
+
+def _qwen_processor(cls: type, tokenizer: PreTrainedTokenizerFast, *, patch_size: int, max_tokens: int):
+    """The real Qwen image (and video) processor at the tiny model's patch size: images are resized to
+    multiples of 2·`patch_size` px, between 4 and `max_tokens` LLM tokens."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+
+    unit = (2 * patch_size) ** 2  # pixels of one LLM token (2x2 patches)
+    size = {"shortest_edge": 4 * unit, "longest_edge": max_tokens * unit}
+    image_processor = Qwen2VLImageProcessorPil(size=size, patch_size=patch_size, temporal_patch_size=2,
+                                               merge_size=2)
+    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=patch_size, temporal_patch_size=2, merge_size=2)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+               chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def tiny_qwen2_5_vl(*, seed: int = 0, patch_size: int = 8, vision_layers: int = 4,
+                    fullatt_block_indexes: tuple[int, ...] = (1, 3), window_size: int = 32, text_layers: int = 2,
+                    max_tokens: int = 48, attn_implementation: str = "sdpa"):
+    """A random-weight `Qwen2_5_VLForConditionalGeneration` (windowed ViT with full-attention blocks
+    `fullatt_block_indexes`, 2x2 merger, M-RoPE Qwen2 LLM) and its `Qwen2_5_VLProcessor`.
+
+    One LLM token covers 2x2 patches of `patch_size` px; a window spans `window_size` px (2x2 LLM tokens by
+    default), so images larger than 32 px on a side hold several windows.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tokenizer = build_qwen_tokenizer()
+    vision = {"depth": vision_layers, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+              "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "window_size": window_size, "out_hidden_size": 64, "fullatt_block_indexes": list(fullatt_block_indexes)}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, _qwen_processor(Qwen2_5_VLProcessor, tokenizer, patch_size=patch_size, max_tokens=max_tokens)
+
+
+def tiny_qwen3_vl(*, seed: int = 0, patch_size: int = 8, vision_layers: int = 3,
+                  deepstack_visual_indexes: tuple[int, ...] = (0, 1), text_layers: int = 2, max_tokens: int = 48,
+                  attn_implementation: str = "sdpa"):
+    """A random-weight `Qwen3VLForConditionalGeneration` (full-attention ViT with learned, interpolated
+    position embeddings, 2x2 merger, DeepStack features from ViT layers `deepstack_visual_indexes` added to
+    the first LLM layers, interleaved M-RoPE Qwen3 LLM with q/k norms) and its `Qwen3VLProcessor`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    tokenizer = build_qwen_tokenizer()
+    vision = {"depth": vision_layers, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+              "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+              "num_position_embeddings": 16, "deepstack_visual_indexes": list(deepstack_visual_indexes)}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                "mrope_interleaved": True},
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, _qwen_processor(Qwen3VLProcessor, tokenizer, patch_size=patch_size, max_tokens=max_tokens)
+
+
+def tiny_qwen3_5(*, seed: int = 0, patch_size: int = 8, vision_layers: int = 3, text_layers: int = 4,
+                 max_tokens: int = 48, attn_implementation: str = "sdpa"):
+    """A random-weight `Qwen3_5ForConditionalGeneration` (Qwen3-VL's vision path without DeepStack; a hybrid LLM
+    whose layers alternate Gated DeltaNet linear attention and full attention, partial interleaved M-RoPE) and
+    its `Qwen3VLProcessor`."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+
+    tokenizer = build_qwen_tokenizer()
+    vision = {"depth": vision_layers, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+              "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+              "num_position_embeddings": 16}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+            "layer_types": ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+            "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4, "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    config = Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, _qwen_processor(Qwen3VLProcessor, tokenizer, patch_size=patch_size, max_tokens=max_tokens)
+
+
 ONEVISION_SPECIALS = SPECIALS + ["<video>"]
 
 

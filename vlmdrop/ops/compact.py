@@ -136,6 +136,37 @@ def compact_positions(position_ids: torch.Tensor, plan: Compaction) -> torch.Ten
     return gather_rows(pos, plan, fill=0)
 
 
+def gather_positions(position_ids: torch.Tensor, plan: Compaction, *,
+                     columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions after removal when every kept token keeps its own (M-RoPE's "original" positions).
+
+    Args:
+        position_ids: (B or 1, L), (3, B, L) (M-RoPE t/h/w) or (4, B, L) (a text row, then t/h/w) positions the
+            unmodified model would use.
+        columns: (B, L) optional column whose position each column takes (default: its own).
+
+    Returns:
+        (B, L_new), (3, B, L_new) or (4, B, L_new): each kept slot's position (padding slots 0); a 4-row
+        tensor's text row -- which transformers uses for masks, never for RoPE -- is renumbered
+        contiguously, as `compact_positions`.
+    """
+    b = plan.removed.shape[0]
+    if position_ids.dim() == 2:
+        pos = position_ids.expand(b, -1)  # (B, L)
+        if columns is not None:
+            pos = pos.gather(1, columns.to(pos.device))
+        return gather_rows(pos, plan, fill=0)
+    if position_ids.dim() != 3 or position_ids.shape[0] not in (3, 4):
+        raise ValueError(f"position_ids must be (B, L), (3, B, L) or (4, B, L), got {tuple(position_ids.shape)}")
+    rows = []
+    for r, p in enumerate(position_ids):  # (B or 1, L) each
+        if r == 0 and position_ids.shape[0] == 4:
+            rows.append(compact_positions(p, plan))
+        else:
+            rows.append(gather_positions(p, plan, columns=columns))
+    return torch.stack(rows)  # (3 or 4, B, L_new)
+
+
 def extend_mask(prefix_mask: torch.Tensor, caller_mask: torch.Tensor | None, *, orig_prefix: int,
                 tail: int) -> torch.Tensor:
     """Attention mask for a decode step on a compacted cache.
