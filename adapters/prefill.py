@@ -115,6 +115,7 @@ class PrefillHook:
         rows, cols = ph.nonzero(as_tuple=True)  # (P,) each
         keep_ph = torch.zeros(rows.numel(), dtype=torch.bool, device=input_ids.device)  # (P,)
         # "original" positions: the placeholder whose position each placeholder slot takes
+        original = self.adapter.vision_positions == "original"
         pos_src = torch.arange(rows.numel(), device=input_ids.device)  # (P,)
         new_feats, offset = [], 0
         for im, ch in zip(inputs, chosen):
@@ -123,7 +124,7 @@ class PrefillHook:
             # placeholders are identical tokens: with new rows the image keeps its first n_kept slots
             slots = kept if sel.n_new == 0 else torch.arange(ch.stats.n_kept)
             keep_ph[offset + slots.to(keep_ph.device)] = True
-            if sel.n_new:  # kept rows keep their own positions; a new row takes its group's first position
+            if sel.n_new and original:  # kept rows keep their own positions; a new row takes its group's first
                 reps = torch.stack([g[0] for g in sel.new_groups]) if sel.new_groups else torch.arange(sel.n_new)
                 src = torch.cat([kept, reps.to(kept.device)]).to(pos_src.device)  # (n_kept,)
                 pos_src[offset + slots.to(pos_src.device)] = offset + src
@@ -139,7 +140,7 @@ class PrefillHook:
                                                                         selections)}
         if not bool(keep_ph.all()):
             pos_cols = None
-            if self.adapter.vision_positions == "original":  # (B, L) column whose position each column takes
+            if original:  # (B, L) column whose position each column takes
                 pos_cols = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone()
                 pos_cols[rows, cols] = cols[pos_src]
             self._compact(kw, call, rows[~keep_ph], cols[~keep_ph], pos_cols)

@@ -75,6 +75,10 @@ SHAPES: dict[str, Shape] = {
                        dict(image_size=384, patch_size=14, vision_layers=4, text_layers=8, max_grid=6,
                             vision_aspect_ratio="anyres_max_9"),
                        (2304, 1536), "LLaVA-OneVision 384 px, AnyRes-max-9, 6x4 grid (down-sampled): 7,329 tokens"),
+    "qwen2_5_vl": Shape("qwen2_5_vl", "tiny_qwen2_5_vl",
+                        dict(patch_size=14, vision_layers=4, fullatt_block_indexes=(1, 3), window_size=112,
+                             text_layers=8, max_tokens=1600),
+                        (1344, 896), "Qwen2.5-VL 14 px patches, 2x2 merge, 112 px windows: 48x32 = 1,536 tokens"),
     # test-only: a few tokens, so that the smoke test runs in seconds
     "tiny": Shape("tiny", "tiny_llava", dict(image_size=56, patch_size=14, vision_layers=2, text_layers=4),
                   (56, 56), "test-only LLaVA, 16 tokens"),
@@ -119,7 +123,8 @@ def build(shape: Shape, *, device: str, dtype: str) -> tuple[Any, dict[str, Any]
     w, h = shape.image_wh
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    token = "<image>" if shape.builder != "tiny_internvl" else "<IMG_CONTEXT>"
+    token = {"tiny_internvl": "<IMG_CONTEXT>", "tiny_qwen2_5_vl": "<|image_pad|>",
+             "tiny_qwen3_vl": "<|image_pad|>"}.get(shape.builder, "<image>")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in this image ?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert token in prompt, f"chat template of {shape.name} wrote no {token!r}: {prompt!r}"
@@ -148,6 +153,12 @@ class _Clock:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _vision_module(model: Any) -> torch.nn.Module:
+    """The vision tower of a VLM (`vision_tower`, or Qwen-VL's `visual`)."""
+    inner = model.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
 
 
 def _sync_fn(device: str) -> Callable[[], None]:
@@ -223,17 +234,30 @@ def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], Non
     the full N x N attention of the feature layer recomputed from its hooked q/k (HiRED's official code: CLS
     attention averaged over heads), and an LM decoder layer re-run under eager attention (which returns the
     attention weights; other toolkits' FastV)."""
-    vt, lm = model.model.vision_tower, model.model.language_model
+    vt, lm = _vision_module(model), model.model.language_model
     vcfg = model.config.vision_config
-    n_layers = vcfg.num_hidden_layers
-    vfl = model.config.vision_feature_layer
-    li = (n_layers + vfl) if vfl < 0 else vfl - 1  # hidden_states[i] is the output of layer i - 1
-    mods = dict(vt.named_modules())
-    names = sorted(n for n in mods if n.endswith(("q_proj", "k_proj")))
     qk: dict[str, torch.Tensor] = {}
-    picked = {kind: [n for n in names if n.endswith(kind)][li] for kind in ("q_proj", "k_proj")}
-    hooks = [mods[n].register_forward_hook(lambda m, a, o, kind=kind: qk.__setitem__(kind, o))
-             for kind, n in picked.items()]
+    if hasattr(vcfg, "fullatt_block_indexes") or hasattr(vcfg, "deepstack_visual_indexes"):  # Qwen: fused qkv
+        blocks = list(vt.blocks)
+        full = list(getattr(vcfg, "fullatt_block_indexes", None) or range(len(blocks)))
+        qkv = blocks[full[-1]].attn.qkv  # the last full-attention block: (N, 3 * D) for the packed image
+
+        def split(m: Any, a: Any, o: torch.Tensor) -> None:
+            q, k, _ = o.reshape(o.shape[0], 3, -1).unbind(1)  # (N, D) each
+            qk.update(q_proj=q[None], k_proj=k[None])  # (1, N, D)
+
+        hooks = [qkv.register_forward_hook(split)]
+        heads = vcfg.num_heads
+    else:
+        n_layers = vcfg.num_hidden_layers
+        vfl = model.config.vision_feature_layer
+        li = (n_layers + vfl) if vfl < 0 else vfl - 1  # hidden_states[i] is the output of layer i - 1
+        mods = dict(vt.named_modules())
+        names = sorted(n for n in mods if n.endswith(("q_proj", "k_proj")))
+        picked = {kind: [n for n in names if n.endswith(kind)][li] for kind in ("q_proj", "k_proj")}
+        hooks = [mods[n].register_forward_hook(lambda m, a, o, kind=kind: qk.__setitem__(kind, o))
+                 for kind, n in picked.items()]
+        heads = vcfg.num_attention_heads
     layer = lm.layers[min(2, len(lm.layers) - 1)]
     captured: dict[str, Any] = {}
     hooks.append(layer.register_forward_pre_hook(
@@ -244,8 +268,7 @@ def _reference_scores(model: Any, inputs: dict[str, Any], sync: Callable[[], Non
         for h in hooks:
             h.remove()
     q, k = qk["q_proj"], qk["k_proj"]  # (B, N, D) each
-    heads = vcfg.num_attention_heads
-    cls = vcfg.model_type != "siglip_vision_model"  # SigLIP (LLaVA-OneVision) has no CLS token
+    cls = vcfg.model_type not in ("siglip_vision_model", "qwen2_5_vl_vision", "qwen3_vl_vision")  # no CLS token
 
     def official() -> float:
         sync()
@@ -297,18 +320,26 @@ class _ScoreTimer:
 
     #: (module defining it, name): every `vlmdrop.adapters` module that imported the function is patched too
     TARGETS = (("vlmdrop.adapters.vision_capture", "saliency_from_projections"),
+               ("vlmdrop.kernels", "attention_received"),  # called directly by the Qwen-VL capture
                ("vlmdrop.adapters.llm_stage", "last_token_attention"))
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self.sync, self.seconds, self.calls = sync, 0.0, 0
+        self._depth = 0  # a score function calling another (saliency -> attention_received) counts once
         self._saved: list[tuple[Any, str, Any]] = []
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.sync()
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            try:
+                self.sync()
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.sync()
+            finally:
+                self._depth -= 1
             self.seconds += time.perf_counter() - t0
             self.calls += 1
             return out
@@ -403,7 +434,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             raise ValueError(f"shape {sname!r} is not one of {', '.join(SHAPES)}")
         model, inputs = build(SHAPES[sname], device=device, dtype=dtype)
         seq_len = int(inputs["input_ids"].shape[1])
-        vis = _Clock(model.model.vision_tower, sync)
+        vis = _Clock(_vision_module(model), sync)
         lmc = _Clock(model.model.language_model, sync)
         configs: list[tuple[str, float] | None] = [None]
         kept: dict[tuple[str, float], tuple[int, int]] = {}
