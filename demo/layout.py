@@ -70,7 +70,8 @@ def _size(d: Any, *keys: str) -> int | None:
 
 def token_layout(config: Any, processor: Any, image_size: tuple[int, int]) -> TokenLayout:
     """The :class:`TokenLayout` of an image of ``image_size = (w, h)`` for a model of ``config`` (its
-    ``model_type``: ``llava``, ``llava_next``, ``llava_onevision`` or ``internvl``) fed by ``processor``.
+    ``model_type``: ``llava``, ``llava_next``, ``llava_onevision``, ``internvl``, ``qwen2_5_vl``, ``qwen3_vl`` or
+    ``qwen3_5``) fed by ``processor``.
 
     ValueError naming the model type when it is none of those.
     """
@@ -86,8 +87,10 @@ def token_layout(config: Any, processor: Any, image_size: tuple[int, int]) -> To
         return _llava(config, processor.image_processor, w, h)
     if kind == "internvl":
         return _internvl(config, processor, w, h)
+    if kind in ("qwen2_5_vl", "qwen3_vl", "qwen3_5"):
+        return _qwen(config, processor.image_processor, w, h)
     raise ValueError(f"model_type={kind!r}: no token layout (supported: llava, llava_next, llava_onevision, "
-                     "internvl)")
+                     "internvl, qwen2_5_vl, qwen3_vl, qwen3_5)")
 
 
 def _llava(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
@@ -180,6 +183,21 @@ def _llava_onevision(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
     crop_of = tuple(-1 if p is None else full.crop_of[p] for p in picks)
     panels = (full.panels[0], f"sub-images (unpadded, down-sampled to {h2}x{w2}: anchors shown)")
     return TokenLayout(boxes, panel_of, crop_of, panels, full.crops, full.crop_names)
+
+
+def _qwen(config: Any, ip: Any, w: int, h: int) -> TokenLayout:
+    """Qwen-VL: one crop, the image resized by the processor to a grid of patches; one LLM token per
+    ``merge x merge`` patches, in raster order (the merger's output order after the model un-permutes windows).
+    The grid is the processor's own (``image_grid_thw`` of a blank image of the same size)."""
+    thw = ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0].tolist()
+    merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
+    rows, cols = int(thw[1]) // merge, int(thw[2]) // merge  # the LLM token grid
+    cw, ch = w / cols, h / rows
+    boxes = tuple((c * cw, r * ch, (c + 1) * cw, (r + 1) * ch) for r in range(rows) for c in range(cols))
+    n = len(boxes)
+    region = (0.0, 0.0, float(w), float(h))
+    return TokenLayout(boxes, (0,) * n, (0,) * n, (f"image ({rows}x{cols} tokens of {merge}x{merge} patches)",),
+                       ((0, region),), ("image",))
 
 
 def _internvl(config: Any, processor: Any, w: int, h: int) -> TokenLayout:

@@ -273,3 +273,23 @@ def test_checkpoint_folder_onevision_end_to_end(tmp_path):
     assert st.layer_tokens[0] == round(0.3 * 21)
     picture, budgets, layers, note = _pictures(image, backend, red)
     assert picture is not None and budgets is not None and layers is not None, note
+
+
+def test_checkpoint_folder_qwen2_5_vl_end_to_end(tmp_path):
+    """A saved Qwen2.5-VL (one crop, M-RoPE, windowed ViT without CLS) through the loader, HiRED + FastV, and
+    the pictures."""
+    from vlmdrop.demo.app import _pictures
+    from vlmdrop.testing import tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl(patch_size=14, window_size=56, text_layers=3, max_tokens=40)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    backend = DemoBackend.load(str(tmp_path), dtype="float32", device="cpu", max_new_tokens=3)
+    image = _image(5).resize((150, 90))
+    for full, red in backend.compare(image, "what is it ?", "hired+fastv", 0.3):
+        pass
+    st = red.stats
+    assert st.n_before == full.visual_tokens and len(st.crop_budgets) == 1
+    assert st.layer_tokens[0] == round(0.3 * st.n_before)
+    picture, budgets, layers, note = _pictures(image, backend, red)
+    assert picture is not None and layers is not None, note

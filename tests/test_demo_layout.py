@@ -8,7 +8,7 @@ from PIL import Image
 import vlmdrop
 from vlmdrop.demo.layout import DIM, bar_chart, kept_picture, token_layout
 from vlmdrop.eval.loading import build_prompt
-from vlmdrop.testing import tiny_internvl, tiny_llava, tiny_llava_next, tiny_llava_onevision
+from vlmdrop.testing import tiny_internvl, tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl
 
 # configured unlike tests/conftest.py's fixtures: other tile / patch sizes, so other grids and tokens per tile
 MODELS = {
@@ -18,6 +18,7 @@ MODELS = {
     # anyres_max_1: every grid over one base grid's patches is down-sampled (anchor rows)
     "onevision-42-14-max1": lambda: tiny_llava_onevision(image_size=42, patch_size=14, text_layers=2,
                                                          vision_aspect_ratio="anyres_max_1"),
+    "qwen2_5_vl-14": lambda: tiny_qwen2_5_vl(patch_size=14, window_size=56, text_layers=2, max_tokens=40),
 }
 SIZES = [(130, 60), (50, 90), (200, 200), (300, 80), (40, 40)]  # (w, h)
 _CACHE: dict = {}
@@ -75,9 +76,9 @@ def test_internvl_tiles_then_thumbnail():
 
 def test_unknown_model_type_is_named():
     class Config:
-        model_type = "qwen2_vl"
+        model_type = "gemma3"
 
-    with pytest.raises(ValueError, match="qwen2_vl"):
+    with pytest.raises(ValueError, match="gemma3"):
         token_layout(Config(), object(), (10, 10))
 
 
