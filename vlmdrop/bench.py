@@ -323,10 +323,17 @@ class _ScoreTimer:
                ("vlmdrop.kernels", "attention_received"),  # called directly by the Qwen-VL capture
                ("vlmdrop.adapters.llm_stage", "last_token_attention"))
 
-    def __init__(self, sync: Callable[[], None]) -> None:
+    def __init__(self, sync: Callable[[], None], *, glue: bool = False) -> None:
         self.sync, self.seconds, self.calls = sync, 0.0, 0
-        self._depth = 0  # a score function calling another (saliency -> attention_received) counts once
+        self.glue = glue  # also vlmdrop's own selection, compaction and layout code (`GLUE`)
+        self._depth = 0  # a timed function calling another (saliency -> attention_received) counts once
         self._saved: list[tuple[Any, str, Any]] = []
+
+    #: with `glue=True`: (module, class, method) of vlmdrop's per-prefill code outside the model and the scores:
+    #: the vision stage's selection + compaction, each adapter's layout of the encoded images, the LLM-stage drop
+    GLUE = (("vlmdrop.adapters.prefill", "PrefillHook", "_vision"),
+            ("vlmdrop.adapters.llm_stage", "LLMStageEngine", "_drop"),
+            ("vlmdrop.adapters.base", "HFVlmAdapter", "on_encoded"))
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -356,6 +363,19 @@ class _ScoreTimer:
                 if name.startswith("vlmdrop.adapters") and getattr(mod, attr, None) is fn:
                     self._saved.append((mod, attr, fn))
                     setattr(mod, attr, timed)
+        if self.glue:
+            for mod_name, cls_name, attr in self.GLUE:
+                root = getattr(importlib.import_module(mod_name), cls_name)
+                classes, todo = [], [root]
+                while todo:  # the class and every subclass that defines the method itself
+                    c = todo.pop()
+                    classes.append(c)
+                    todo.extend(c.__subclasses__())
+                for c in classes:
+                    if attr in c.__dict__:
+                        fn = c.__dict__[attr]
+                        self._saved.append((c, attr, fn))
+                        setattr(c, attr, self._wrap(fn))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -365,18 +385,23 @@ class _ScoreTimer:
 
 
 def _score_cost(model: Any, inputs: dict[str, Any], method: str, budget: float, sync: Callable[[], None], *,
-                repeat: int) -> tuple[float, int]:
-    """(median seconds of the method's scoring per prefill, score rows per prefill)."""
+                repeat: int) -> tuple[float, int, float]:
+    """(median seconds of the method's scoring per prefill, score rows per prefill, median share of a prefill
+    spent in vlmdrop's own code: scoring, selection, compaction, layout, LLM-stage drops)."""
     h = _apply(model, method, budget)
     try:
-        runs = []
+        runs, glue = [], []
         for _ in range(repeat + 1):  # the first is a warm-up
             with _ScoreTimer(sync) as timer:
                 _prefill(model, inputs, sync)
             runs.append((timer.seconds, timer.calls))
+            with _ScoreTimer(sync, glue=True) as everything:
+                t = _prefill(model, inputs, sync)
+            glue.append((everything.seconds, t))
     finally:
         h.remove()
-    return statistics.median(r[0] for r in runs[1:]), runs[-1][1]
+    return (statistics.median(r[0] for r in runs[1:]), runs[-1][1],
+            statistics.median(g / t for g, t in glue[1:]))
 
 
 def _peak_mem_cpu(shape: str, method: str | None, budget: float | None, *, dtype: str) -> float:
@@ -524,7 +549,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
             t = statistics.median(times[c])
             i = statistics.median(ideal[c])
             nb, nk = kept[c]
-            score_s, calls = score[c]
+            score_s, calls, glue_share = score[c]
             vision = _stage(c[0]) == "vision"
             ref_s = calls * (ref_official if vision else ref_eager)  # the same score rows the reference way
             records.append(Record(
@@ -537,6 +562,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
                        "vision_s": med(c, 0), "lm_s": med(c, 1),
                        "vision_extra_pct": 100.0 * (med(c, 0) - vision_full) / vision_full,
                        "score_s": score_s, "score_rows": calls, "ref_s": ref_s,
+                       "glue_pct": 100.0 * glue_share,
                        "ref_kind": ("N x N from q/k" if vision else "eager layer re-run") if calls else None,
                        "ref_ratio": ref_s / score_s if calls and score_s > 0 else None,
                        "ref_official_qk_pct_of_vision": 100.0 * ref_official / vision_full,

@@ -16,6 +16,7 @@ target == h*w is the identity (returned as a copy); output order is raster (row 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,12 +34,17 @@ def _row_count(h: int, w: int, target: int) -> int:
 def pool_groups(*, h: int, w: int, target: int) -> list[Tensor]:
     """Source raster indices averaged by each of the `target` outputs (raster order), see module doc."""
     flat, sizes = pool_index(h=h, w=w, target=target)
-    return list(torch.split(flat, sizes.tolist()))
+    return list(torch.split(flat.clone(), sizes.tolist()))
 
 
 def pool_index(*, h: int, w: int, target: int) -> tuple[Tensor, Tensor]:
     """`pool_groups` flat: (S,) the groups' source indices one after the other, (target,) their sizes;
-    computed without a loop over cells."""
+    computed without a loop over cells, once per (h, w, target) (shared, read-only tensors)."""
+    return _pool_index(h, w, target)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pool_index(h: int, w: int, target: int) -> tuple[Tensor, Tensor]:
     if h < 1 or w < 1:
         raise ValueError(f"grid must be at least 1x1, got h={h}, w={w}")
     if not 1 <= target <= h * w:
@@ -69,7 +75,7 @@ def pool_grid(tokens: Tensor, *, h: int, w: int, target: int) -> tuple[Tensor, l
     if tokens.dim() != 2 or tokens.shape[0] != h * w:
         raise ValueError(f"tokens must be (h*w={h * w}, C), got shape {tuple(tokens.shape)}")
     flat, sizes = pool_index(h=h, w=w, target=target)  # (S,), (target,)
-    groups = list(torch.split(flat, sizes.tolist()))
+    groups = list(torch.split(flat.clone(), sizes.tolist()))
     if target == h * w:
         return tokens.clone(), groups
     acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
