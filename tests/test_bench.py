@@ -38,6 +38,7 @@ def test_bench_quick_json_records(capsys):
         assert r["score_rows"] == {"hired": 2, "fastv": 1}[r["method"]], r
         assert r["score_s"] > 0 and r["ref_s"] > 0 and r["ref_ratio"] == pytest.approx(r["ref_s"] / r["score_s"])
         assert r["ref_kind"] == {"hired": "N x N from q/k", "fastv": "eager layer re-run"}[r["method"]]
+        assert 0 < r["glue_pct"] < 100  # vlmdrop's own code: a measured share of the prefill
         assert r["ref_official_qk_pct_of_vision"] > 0 and r["ref_eager_layer_pct_of_vision"] > 0
         # not measured: CPU without --memory has no peak memory
         assert r["peak_mem_mb"] is None and r["peak_mem_mb_full"] is None
@@ -52,9 +53,9 @@ def test_bench_markdown_dashes_for_unmeasured(capsys):
     assert lines[0].startswith("| shape | method | budget |") and len(lines) == 5
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:4] == ["tiny", "visionzip", "0.25", "4 / 16"]
-    float(cells[10]), float(cells[11])  # score % of vision, score ms: measured
-    assert cells[12].endswith("x") and float(cells[12][:-1]) > 0  # reference / score
-    assert cells[13:15] == ["-", "-"]  # peak MB full, peak MB: not measured without --memory on CPU
+    float(cells[10]), float(cells[11]), float(cells[12])  # glue %, score % of vision, score ms: measured
+    assert cells[13].endswith("x") and float(cells[13][:-1]) > 0  # reference / score
+    assert cells[14:16] == ["-", "-"]  # peak MB full, peak MB: not measured without --memory on CPU
     assert lines[4].startswith("tiny: 16 visual tokens") and "HiRED official" in lines[4]
 
 

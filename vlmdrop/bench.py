@@ -661,14 +661,14 @@ def _ratio(v: float | None) -> str:
 
 def to_markdown(records: list[Record]) -> str:
     head = ("| shape | method | budget | kept / before | prefill full (ms) | prefill (ms) | ideal (ms) | speedup "
-            "| of ideal | overhead % | score % of vision | score ms | reference / score | peak MB full | peak MB "
+            "| of ideal | overhead % | glue % | score % of vision | score ms | reference / score | peak MB full | peak MB "
             "| decode tok/s full | decode tok/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
         lines.append(
             f"| {r.shape} | {r.method} | {r.budget:g} | {r.n_kept} / {r.n_before} | {r.prefill_s_full * 1e3:.1f} "
             f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
-            f"| {r.overhead_pct:.0f} | {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
+            f"| {r.overhead_pct:.0f} | {_fmt(r.extra.get('glue_pct'), '.1f')} | {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
             f"| {_ratio(r.extra['ref_ratio'])} "
             f"| {_fmt(r.peak_mem_mb_full, '.0f')} "
             f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
