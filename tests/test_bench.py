@@ -98,3 +98,26 @@ def test_bench_kernels_cpu_times_the_fallbacks(capsys, monkeypatch):
     import os
 
     assert os.environ["VLMDROP_KERNELS"] == "auto"  # restored
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_bench_a_saved_checkpoint(capsys, tmp_path, family):
+    """`--model FOLDER --image WxH`: the checkpoint through the one loader; CLS-free towers (SigLIP, the Qwen ViT)
+    score by attention received and are compared with the N x N column mean."""
+    from vlmdrop.testing import tiny_llava_onevision, tiny_qwen2_5_vl
+
+    model, processor = {"llava_onevision": lambda: tiny_llava_onevision(text_layers=3),
+                        "qwen2_5_vl": lambda: tiny_qwen2_5_vl(text_layers=3)}[family]()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    recs = _bench(capsys, "--model", str(tmp_path), "--image", "90x60", "--methods", "hired,fastv", "--budgets",
+                  "0.5", "--repeat", "1")
+    assert [r["method"] for r in recs] == ["hired", "fastv"]
+    for r in recs:
+        assert r["shape"] == f"ckpt={tmp_path}@90x60" and r["n_kept"] == round(0.5 * r["n_before"]) > 0
+        assert r["score_rows"] >= 1 and r["ref_s"] > 0
+
+
+def test_bench_model_usage_error(capsys):
+    assert main(["bench", "--model", "x", "--image", "0x5"]) == 2
+    assert "vlmdrop bench: error: --image" in capsys.readouterr().err

@@ -111,6 +111,25 @@ class Record:
 # ======================================================================================
 # building a shape
 # ======================================================================================
+CHECKPOINT = "checkpoint"  # the builder of a `--model` shape
+
+
+def get_shape(name: str) -> Shape:
+    """A built-in shape by name, or a checkpoint shape ``ckpt=PATH_OR_ID@WxH`` (what `--model` / `--image` make)."""
+    if name in SHAPES:
+        return SHAPES[name]
+    if name.startswith("ckpt=") and "@" in name:
+        path, _, size = name[len("ckpt="):].rpartition("@")
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {name!r}: the image size must be WxH, e.g. 672x672") from None
+        if w < 1 or h < 1:
+            raise ValueError(f"shape {name!r}: the image size must be positive")
+        return Shape(name, CHECKPOINT, {"path": path}, (w, h), f"checkpoint {path}, a {w}x{h} image")
+    raise ValueError(f"shape {name!r} is not one of {', '.join(SHAPES)} (or a checkpoint: --model)")
+
+
 def build(shape: Shape, *, device: str, dtype: str) -> tuple[Any, dict[str, Any]]:
     """``(model, inputs)`` of `shape` on `device` in `dtype`: one image and a short question."""
     import numpy as np
@@ -118,16 +137,24 @@ def build(shape: Shape, *, device: str, dtype: str) -> tuple[Any, dict[str, Any]
 
     from vlmdrop import testing
 
-    model, processor = getattr(testing, shape.builder)(**shape.kwargs)
-    model = model.to(device=device, dtype=getattr(torch, dtype))
     w, h = shape.image_wh
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    token = {"tiny_internvl": "<IMG_CONTEXT>", "tiny_qwen2_5_vl": "<|image_pad|>",
-             "tiny_qwen3_vl": "<|image_pad|>"}.get(shape.builder, "<image>")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in this image ?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert token in prompt, f"chat template of {shape.name} wrote no {token!r}: {prompt!r}"
+    if shape.builder == CHECKPOINT:  # a real checkpoint through the one loader and prompt builder
+        from vlmdrop.eval.loading import build_prompt, load_model
+
+        model, processor = load_model(shape.kwargs["path"], dtype=dtype, device=device)
+        model = model.to(device=device, dtype=getattr(torch, dtype))
+        prompt = build_prompt(processor, "what is in this image ?")
+    else:
+        model, processor = getattr(testing, shape.builder)(**shape.kwargs)
+        model = model.to(device=device, dtype=getattr(torch, dtype))
+        token = {"tiny_internvl": "<IMG_CONTEXT>", "tiny_qwen2_5_vl": "<|image_pad|>",
+                 "tiny_qwen3_vl": "<|image_pad|>"}.get(shape.builder, "<image>")
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": "what is in this image ?"}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert token in prompt, f"chat template of {shape.name} wrote no {token!r}: {prompt!r}"
     inputs = dict(processor(images=image, text=prompt, return_tensors="pt"))
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if inputs["pixel_values"].is_floating_point():
@@ -428,7 +455,7 @@ def _worker(shape: str, method: str, budget: str, dtype: str) -> None:
     import gc
     import resource
 
-    model, inputs = build(SHAPES[shape], device="cpu", dtype=dtype)
+    model, inputs = build(get_shape(shape), device="cpu", dtype=dtype)
     if method != "-":
         _apply(model, method, float(budget))
     gc.collect()
@@ -455,9 +482,7 @@ def run_bench(shapes: list[str], methods: list[str], budgets: list[float], *, re
     cuda = device.startswith("cuda")
     records: list[Record] = []
     for sname in shapes:
-        if sname not in SHAPES:
-            raise ValueError(f"shape {sname!r} is not one of {', '.join(SHAPES)}")
-        model, inputs = build(SHAPES[sname], device=device, dtype=dtype)
+        model, inputs = build(get_shape(sname), device=device, dtype=dtype)
         seq_len = int(inputs["input_ids"].shape[1])
         vis = _Clock(_vision_module(model), sync)
         lmc = _Clock(model.model.language_model, sync)
@@ -661,14 +686,15 @@ def _ratio(v: float | None) -> str:
 
 def to_markdown(records: list[Record]) -> str:
     head = ("| shape | method | budget | kept / before | prefill full (ms) | prefill (ms) | ideal (ms) | speedup "
-            "| of ideal | overhead % | glue % | score % of vision | score ms | reference / score | peak MB full | peak MB "
-            "| decode tok/s full | decode tok/s |")
+            "| of ideal | overhead % | glue % | score % of vision | score ms | reference / score | peak MB full "
+            "| peak MB | decode tok/s full | decode tok/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
         lines.append(
             f"| {r.shape} | {r.method} | {r.budget:g} | {r.n_kept} / {r.n_before} | {r.prefill_s_full * 1e3:.1f} "
             f"| {r.prefill_s * 1e3:.1f} | {r.ideal_s * 1e3:.1f} | {r.speedup:.2f} | {r.fraction_of_ideal:.2f} "
-            f"| {r.overhead_pct:.0f} | {_fmt(r.extra.get('glue_pct'), '.1f')} | {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
+            f"| {r.overhead_pct:.0f} | {_fmt(r.extra.get('glue_pct'), '.1f')} "
+            f"| {_fmt(r.score_pct_of_vision, '.2f')} | {r.extra['score_s'] * 1e3:.2f} "
             f"| {_ratio(r.extra['ref_ratio'])} "
             f"| {_fmt(r.peak_mem_mb_full, '.0f')} "
             f"| {_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.decode_tps_full, '.0f')} | {_fmt(r.decode_tps, '.0f')} |")
@@ -731,6 +757,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="CPU: peak RSS of a fresh subprocess per configuration")
     p.add_argument("--json", action="store_true", help="print one JSON record per shape x method x budget")
     p.add_argument("--png", default=None, help="write a PNG of speedup vs budget (ideal dashed) here")
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="benchmark this checkpoint (folder or hub id, any supported family) instead of --shapes")
+    p.add_argument("--image", default="672x672", metavar="WxH", help="with --model: the image size (default 672x672)")
     p.add_argument("--kernels", action="store_true",
                    help="time each vlmdrop.kernels function, torch fallback vs Triton (CUDA), instead of the models")
     p.set_defaults(func=cmd_bench)
@@ -748,6 +777,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bad = [s for s in shapes if s not in SHAPES]
     if bad or not shapes:
         return usage(f"--shapes {args.shapes!r}: {bad} not among {', '.join(SHAPES)}")
+    if args.model is not None:
+        shapes = [f"ckpt={args.model}@{args.image}"]
+        try:
+            get_shape(shapes[0])
+        except ValueError:
+            return usage(f"--image {args.image!r} must be WxH with positive sizes, e.g. 672x672")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in vlmdrop.methods()]
     if bad or not methods:
