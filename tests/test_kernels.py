@@ -79,6 +79,13 @@ def compact_cases():
         x = torch.randn(2, 12, 3, generator=g).to(dtype)
         yield x, torch.zeros(2, 12, dtype=torch.bool), torch.arange(12)[None], None, 0.0  # empty selection
         yield x, torch.ones(2, 12, dtype=torch.bool), torch.arange(12)[None], None, 0.0  # full selection
+    # what the prefill compacts: input_ids (and labels) ride as (B, L, 1) int64 rows, filled with the pad id / -100
+    ids = torch.randint(0, 50000, (3, 17, 1), generator=g)
+    keep = torch.rand(3, 17, generator=g) < 0.6
+    mask = torch.ones(3, 17, dtype=torch.long)
+    mask[0, :4] = 0  # the caller's left padding
+    yield ids, keep, torch.arange(17)[None], mask, 2
+    yield ids - 100, keep, torch.arange(17)[None], None, -100
 
 
 def topk_cases():
