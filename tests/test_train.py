@@ -305,3 +305,33 @@ def test_new_stage_b_options_are_validated(tmp_path):
         TrainArgs(out="x", yes_no_share=1.5)
     with pytest.raises(ValueError, match=r"init_from=.*nowhere.* no config\.json"):
         TrainArgs(out="x", init_from=str(tmp_path / "nowhere"))
+
+
+def test_yes_no_plain_first_feeds_only_plain_yes_no_questions_at_first():
+    import re
+
+    from vlmdrop.zoo.easyvqa_hr import easyvqa_hr_qtype_index, easyvqa_hr_records
+    from vlmdrop.zoo.train import _stage_b_records
+
+    def negated(r):
+        return bool({"not", "no"} & set(re.findall(r"[a-z]+", r["question"].lower())))
+
+    stream = list(easyvqa_hr_records("train", seed=0, n=36))
+    plain = [r for r in stream if r["qtype"] == "yes_no" and not negated(r)]
+    assert len(plain) == 6 and sum(r["qtype"] == "yes_no" and negated(r) for r in stream) == 6
+    assert [easyvqa_hr_qtype_index("train", 0, k, qtypes=("yes_no",), negated=False) for k in range(6)] == \
+        [stream.index(r) for r in plain]
+    args = _args("x", batch=4, steps_b=4, yes_no_share=0.5, yes_no_plain_first=0.5)
+    first = [r for t in (0, 1) for r in _stage_b_records(args, t) if r["qtype"] == "yes_no"]
+    assert [r["id"] for r in first] == [r["id"] for r in plain[:4]]  # steps 0-1: the plain ones, in order
+    later = [r for r in _stage_b_records(args, 2) if r["qtype"] == "yes_no"]  # step 2: every yes/no, in order
+    assert [r["id"] for r in later] == [r["id"] for r in stream if r["qtype"] == "yes_no"][4:6]
+    # without the option the first steps hold negated questions too
+    mixed = [r for t in range(3) for r in _stage_b_records(_args("x", batch=4, yes_no_share=0.5), t)]
+    assert any(negated(r) for r in mixed if r["qtype"] == "yes_no")
+    with pytest.raises(ValueError, match=r"negated=False filters yes/no questions"):
+        easyvqa_hr_qtype_index("train", 0, 0, qtypes=("shape",), negated=False)
+    with pytest.raises(ValueError, match=r"yes_no_plain_first=0\.5 needs yes_no_share"):
+        TrainArgs(out="x", yes_no_plain_first=0.5)
+    with pytest.raises(ValueError, match=r"yes_no_plain_first must lie in \[0, 1\], got 2"):
+        TrainArgs(out="x", yes_no_share=0.5, yes_no_plain_first=2)
