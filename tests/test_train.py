@@ -251,3 +251,87 @@ def test_a_state_that_weights_only_refuses_is_not_resumed(tmp_path, case, capsys
     if case == "code":  # the payload is real: the previous loader (weights_only=False) would have run it
         torch.load(state, weights_only=False)
         assert marker.exists()
+
+
+def test_yes_no_share_sets_the_stage_b_mix_from_the_stream_in_order():
+    from vlmdrop.zoo.easyvqa_hr import easyvqa_hr_qtype_index, easyvqa_hr_records
+    from vlmdrop.zoo.train import _stage_b_records
+
+    stream = list(easyvqa_hr_records("train", seed=0, n=24))
+    yes_no = [r for r in stream if r["qtype"] == "yes_no"]
+    other = [r for r in stream if r["qtype"] != "yes_no"]
+    assert [easyvqa_hr_qtype_index("train", 0, k, qtypes=("yes_no",)) for k in range(8)] == \
+        [i for i, r in enumerate(stream) if r["qtype"] == "yes_no"]
+    # default: the stream itself, a third of each type
+    default = _args("x", batch=4)
+    got = [r["id"] for t in range(3) for r in _stage_b_records(default, t)]
+    assert got == [r["id"] for r in stream[:12]]
+    # share 1/2: every other sample is the next yes/no record, the rest the next shape-or-colour record
+    half = _args("x", batch=4, yes_no_share=0.5)
+    got = [r for t in range(3) for r in _stage_b_records(half, t)]
+    assert [r["qtype"] == "yes_no" for r in got] == [False, True] * 6
+    assert [r["id"] for r in got[1::2]] == [r["id"] for r in yes_no[:6]]
+    assert [r["id"] for r in got[0::2]] == [r["id"] for r in other[:6]]
+    # share 3/4 over 8 samples: exactly 6 yes/no
+    assert sum(r["qtype"] == "yes_no" for r in _stage_b_records(_args("x", batch=8, yes_no_share=0.75), 0)) == 6
+    with pytest.raises(ValueError, match="qtypes"):
+        easyvqa_hr_qtype_index("train", 0, 0, qtypes=("colour",))
+
+
+def test_init_from_starts_a_fresh_run_from_saved_weights(tmp_path):
+    src = tmp_path / "src"
+    assert train(_args(src, steps_a=2, steps_b=2))["finished"]
+    # no steps: the run only saves the model, which must be the source's, not the seed's fresh init
+    copy = tmp_path / "copy"
+    assert train(_args(copy, steps_a=0, steps_b=0, init_from=str(src)))["finished"]
+    assert _same_weights(_weights(src), _weights(copy))
+    fresh = tmp_path / "fresh"
+    assert train(_args(fresh, steps_a=0, steps_b=0))["finished"]
+    assert not _same_weights(_weights(src), _weights(fresh))
+    # training on top moves away from the source; the same command gives the same weights
+    on, again = tmp_path / "on", tmp_path / "again"
+    for out in (on, again):
+        assert train(_args(out, steps_a=0, steps_b=2, init_from=str(src), yes_no_share=0.5))["finished"]
+    assert _same_weights(_weights(on), _weights(again)) and not _same_weights(_weights(src), _weights(on))
+    # a folder of another architecture is refused, naming it
+    with pytest.raises(ValueError, match=r"init_from=.*src.* does not match"):
+        train(_args(tmp_path / "bad", steps_a=0, steps_b=0, init_from=str(src),
+                    model=MiniConfig(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+                                     text_layers=2, text_heads=2)))
+
+
+def test_new_stage_b_options_are_validated(tmp_path):
+    with pytest.raises(ValueError, match=r"yes_no_share .* got 1\.5"):
+        TrainArgs(out="x", yes_no_share=1.5)
+    with pytest.raises(ValueError, match=r"init_from=.*nowhere.* no config\.json"):
+        TrainArgs(out="x", init_from=str(tmp_path / "nowhere"))
+
+
+def test_yes_no_plain_first_feeds_only_plain_yes_no_questions_at_first():
+    import re
+
+    from vlmdrop.zoo.easyvqa_hr import easyvqa_hr_qtype_index, easyvqa_hr_records
+    from vlmdrop.zoo.train import _stage_b_records
+
+    def negated(r):
+        return bool({"not", "no"} & set(re.findall(r"[a-z]+", r["question"].lower())))
+
+    stream = list(easyvqa_hr_records("train", seed=0, n=36))
+    plain = [r for r in stream if r["qtype"] == "yes_no" and not negated(r)]
+    assert len(plain) == 6 and sum(r["qtype"] == "yes_no" and negated(r) for r in stream) == 6
+    assert [easyvqa_hr_qtype_index("train", 0, k, qtypes=("yes_no",), negated=False) for k in range(6)] == \
+        [stream.index(r) for r in plain]
+    args = _args("x", batch=4, steps_b=4, yes_no_share=0.5, yes_no_plain_first=0.5)
+    first = [r for t in (0, 1) for r in _stage_b_records(args, t) if r["qtype"] == "yes_no"]
+    assert [r["id"] for r in first] == [r["id"] for r in plain[:4]]  # steps 0-1: the plain ones, in order
+    later = [r for r in _stage_b_records(args, 2) if r["qtype"] == "yes_no"]  # step 2: every yes/no, in order
+    assert [r["id"] for r in later] == [r["id"] for r in stream if r["qtype"] == "yes_no"][4:6]
+    # without the option the first steps hold negated questions too
+    mixed = [r for t in range(3) for r in _stage_b_records(_args("x", batch=4, yes_no_share=0.5), t)]
+    assert any(negated(r) for r in mixed if r["qtype"] == "yes_no")
+    with pytest.raises(ValueError, match=r"negated=False filters yes/no questions"):
+        easyvqa_hr_qtype_index("train", 0, 0, qtypes=("shape",), negated=False)
+    with pytest.raises(ValueError, match=r"yes_no_plain_first=0\.5 needs yes_no_share"):
+        TrainArgs(out="x", yes_no_plain_first=0.5)
+    with pytest.raises(ValueError, match=r"yes_no_plain_first must lie in \[0, 1\], got 2"):
+        TrainArgs(out="x", yes_no_share=0.5, yes_no_plain_first=2)

@@ -32,7 +32,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,6 +48,7 @@ __all__ = [
     "SPLITS",
     "easyvqa_hr",
     "easyvqa_hr_max_n",
+    "easyvqa_hr_qtype_index",
     "easyvqa_hr_records",
 ]
 
@@ -465,6 +466,36 @@ def _render(src: _Split, q: _Question, rng: np.random.Generator) -> tuple[Image.
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def easyvqa_hr_qtype_index(split: str, seed: int, k: int, *, qtypes: Sequence[str],
+                           negated: bool | None = None) -> int:
+    """Stream index of the ``k``-th sample (0-based) whose ``qtype`` is in ``qtypes``, wrapping around the stream.
+
+    ``negated`` (``True`` / ``False``) keeps only the yes/no questions with / without "not"/"no" (shape and
+    colour questions are never negated).  Cheap (no rendering): every block of 12 samples holds 4 of each type
+    (2 yes/no per negation), so the ``k``-th one lies in a known block.  Feed the index to
+    :func:`easyvqa_hr_records` as ``start`` to render it.  Raises ``ValueError`` for an unknown type, a
+    ``negated`` filter without ``"yes_no"`` in ``qtypes``, or a negative ``k``.
+    """
+    wanted = set(qtypes)
+    if not wanted or not wanted <= set(QTYPES):
+        raise ValueError(f"qtypes must be a non-empty subset of {QTYPES}, got {tuple(qtypes)!r}")
+    if negated is not None and "yes_no" not in wanted:
+        raise ValueError(f"negated={negated!r} filters yes/no questions, but qtypes={tuple(qtypes)!r} has none")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    src, _ = _check_args(split, seed, 0)
+    codes = {0} if "shape" in wanted else set()
+    codes |= {1} if "color" in wanted else set()
+    if "yes_no" in wanted:
+        codes |= {2 + c for c, (_, neg) in enumerate(_YESNO_CELLS) if negated is None or neg == negated}
+    per_block = sum(1 for slot in _BLOCK_SLOTS if slot in codes)
+    b, r = divmod(int(k), per_block)
+    b %= _max_blocks(src)
+    slots = _Planner(src, int(seed))._block(b)
+    hits = [pos for pos, slot in enumerate(slots) if slot in codes]
+    return b * _BLOCK + hits[r]
 
 
 def _check_args(split: str, seed: int, n: int | None) -> tuple[_Split, int]:

@@ -18,6 +18,11 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
   answer token and ``</s>`` only; the generator balances question types and answers.  A
   curriculum first feeds zoomed 112 px views only (one AnyRes tile: the shape is large, the
   sequence short), then full canvases with a share ``--zoom-mix`` of zoomed views.
+  ``--yes-no-share`` sets the share of yes/no questions (default: the stream's own third; the
+  questions are still taken in stream order, so no question repeats before the stream wraps),
+  ``--yes-no-plain-first`` the fraction of stage B whose yes/no questions are plain (no "not"/"no"), and
+  ``--init-from DIR`` starts a fresh run from the weights of a saved model (e.g. the shipped one,
+  with ``--steps-a 0``: stage B only).
 
 Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` of the stage's
 stream (seeded), and every random choice is keyed on ``(seed, stage, t, j)``: resuming from the
@@ -50,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .easyvqa_hr import ANSWER_COLORS, QTYPES, SHAPES, easyvqa_hr_max_n, easyvqa_hr_records
+from .easyvqa_hr import ANSWER_COLORS, QTYPES, SHAPES, easyvqa_hr_max_n, easyvqa_hr_qtype_index, easyvqa_hr_records
 from .mini import MiniConfig, build_mini, prompt
 from .token_boxes import anyres_layout
 
@@ -95,6 +100,9 @@ class TrainArgs:
     zoom_views: int = 2  # stage A: zoomed crops per canvas
     dense_weight: float = 1.0  # stage A: weight of the per-patch loss (0: CLS heads only)
     cls_shape: str = "tiles+zoom"  # stage A: views whose CLS names the shape ("zoom": zoomed crops only)
+    yes_no_share: float | None = None  # stage B: share of yes/no questions (None: the stream's own 1/3)
+    yes_no_plain_first: float = 0.0  # stage B: fraction in which the yes/no questions are plain (no "not"/"no")
+    init_from: str | None = None  # folder of a saved model (save_pretrained) whose weights a fresh run starts from
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -112,6 +120,14 @@ class TrainArgs:
             raise ValueError(f"zoom_only={self.zoom_only} and zoom_mix={self.zoom_mix} must lie in [0, 1]")
         if self.cls_shape not in ("tiles+zoom", "zoom"):
             raise ValueError(f"cls_shape must be 'tiles+zoom' or 'zoom', got {self.cls_shape!r}")
+        if self.yes_no_share is not None and not 0.0 <= self.yes_no_share <= 1.0:
+            raise ValueError(f"yes_no_share must lie in [0, 1] (or be None), got {self.yes_no_share}")
+        if not 0.0 <= self.yes_no_plain_first <= 1.0:
+            raise ValueError(f"yes_no_plain_first must lie in [0, 1], got {self.yes_no_plain_first}")
+        if self.yes_no_plain_first > 0 and self.yes_no_share is None:
+            raise ValueError(f"yes_no_plain_first={self.yes_no_plain_first} needs yes_no_share (the yes/no stream)")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ValueError(f"init_from={self.init_from!r} holds no config.json (a save_pretrained folder is needed)")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
 
@@ -279,11 +295,36 @@ def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], arg
     return loss
 
 
+def _stage_b_records(args: TrainArgs, step: int) -> Iterator[dict[str, Any]]:
+    """The train records of step ``step`` of stage B.
+
+    By default sample ``j`` is record ``step * batch + j`` of the stream (a third of each type).  With
+    ``yes_no_share = p``, global sample ``g = step * batch + j`` is a yes/no question iff
+    ``floor((g + 1) p) > floor(g p)`` (so exactly ``floor(g p)`` of the first ``g`` are): the ``floor(g p)``-th
+    yes/no record of the stream, else the ``g - floor(g p)``-th shape-or-colour record.  During the first
+    ``yes_no_plain_first`` of stage B the yes/no records are the plain ones (no "not"/"no") only: with the four
+    (answer, negation) cells balanced, neither the comparison nor the negation alone predicts the answer (a
+    parity of three things), so the comparison is learned first.
+    """
+    if args.yes_no_share is None:
+        yield from _stream("train", args.seed, step * args.batch, args.batch)
+        return
+    p = args.yes_no_share
+    plain = False if step < args.yes_no_plain_first * args.steps_b else None
+    for g in range(step * args.batch, (step + 1) * args.batch):
+        done = math.floor(g * p)
+        if math.floor((g + 1) * p) > done:
+            i = easyvqa_hr_qtype_index("train", args.seed, done, qtypes=("yes_no",), negated=plain)
+        else:
+            i = easyvqa_hr_qtype_index("train", args.seed, g - done, qtypes=("shape", "color"))
+        yield next(easyvqa_hr_records("train", seed=args.seed, n=i + 1, start=i))
+
+
 def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
     cfg = args.model
     zoom_p = 1.0 if step < args.zoom_only * args.steps_b else args.zoom_mix
     images, texts = [], []
-    for j, r in enumerate(_stream("train", args.seed, step * args.batch, args.batch)):
+    for j, r in enumerate(_stage_b_records(args, step)):
         rng = _rng(args.seed, _STAGE_B, step, j)
         zoomed = rng.uniform() < zoom_p
         images.append(zoom_view(r["image"], r["bbox"], rng, cfg.crop) if zoomed else r["image"])
@@ -424,6 +465,22 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
     return st
 
 
+def _init_weights(model: Any, folder: Path) -> None:
+    """Copy the weights of the model saved in ``folder`` (``save_pretrained``) into ``model`` (same architecture).
+
+    Raises ``ValueError`` naming the folder when a weight is missing, extra or of another shape.
+    """
+    from transformers import LlavaNextForConditionalGeneration
+
+    src = LlavaNextForConditionalGeneration.from_pretrained(folder).state_dict()
+    try:
+        model.load_state_dict(src, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"init_from={str(folder)!r} does not match the model of --crop/--patch/... "
+                         f"({str(e).strip().splitlines()[0]} ...)") from e
+    log.info("initialised the model from %s", folder)
+
+
 def train(args: TrainArgs) -> dict[str, Any]:
     """Run (or resume) training into ``args.out``; returns the final metrics.
 
@@ -442,11 +499,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
                           ("cpu" if args.device == "auto" else args.device))
     model, processor = build_mini(args.model, seed=args.seed)
     heads = _Heads(args.model.vision_hidden)
+    state_path = out / STATE
+    if args.init_from is not None and not state_path.exists():  # a fresh run starts from these weights
+        _init_weights(model, Path(args.init_from))
     model.to(device)
     heads.to(device)
     opts = _optimizers(model, heads, args)
     stage, step, log_rows = "A", 0, []
-    state_path = out / STATE
     (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1), encoding="utf-8")
     ema: float | None = None  # loss EMA shown on the progress bar and logged (part of the state, so logs match)
     if state_path.exists():
@@ -555,6 +614,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-weight", type=float, default=d.dense_weight, help="stage A: per-patch loss weight")
     p.add_argument("--cls-shape", default=d.cls_shape, choices=["tiles+zoom", "zoom"],
                    help="stage A: views on which the CLS token must name the shape (the per-patch loss covers all)")
+    p.add_argument("--yes-no-share", type=float, default=d.yes_no_share,
+                   help="stage B: share of yes/no questions (default: the stream's own third)")
+    p.add_argument("--yes-no-plain-first", type=float, default=d.yes_no_plain_first,
+                   help="stage B: fraction whose yes/no questions are plain (no 'not'/'no'); needs --yes-no-share")
+    p.add_argument("--init-from", default=d.init_from,
+                   help="a saved model folder (e.g. vlmdrop/zoo/assets/mini-llava-next) a fresh run starts from")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
@@ -576,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = TrainArgs(out=a.out, seed=a.seed, minutes=a.minutes, steps_a=a.steps_a, steps_b=a.steps_b, batch=a.batch,
                      lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
-                     dense_weight=a.dense_weight, cls_shape=a.cls_shape, eval_n=a.eval_n, save_every=a.save_every,
+                     dense_weight=a.dense_weight, cls_shape=a.cls_shape,
+                     yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from, eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
                                       text_layers=a.text_layers, feature_layer=a.feature_layer))
