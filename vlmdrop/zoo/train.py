@@ -642,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      lr_a=a.lr_a, lr_b=a.lr_b, tower_lr_scale=a.tower_lr_scale, zoom_only=a.zoom_only,
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
                      dense_weight=a.dense_weight, cls_shape=a.cls_shape,
-                     yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from, eval_n=a.eval_n, save_every=a.save_every,
+                     yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from,
+                     eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
                                       text_layers=a.text_layers, feature_layer=a.feature_layer))
