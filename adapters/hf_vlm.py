@@ -18,7 +18,7 @@ from torch import nn
 from vlmdrop.interface import LLMMethod, VisionMethod
 from vlmdrop.ops.attention import resolve_score
 
-from .base import HFVlmAdapter, Installation
+from .base import HFVlmAdapter, ImageInput, Installation
 from .llm_stage import LLMStageEngine
 from .prefill import PrefillHook
 from .state import CallScope, EncodeRecord
@@ -38,6 +38,26 @@ def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
 
 #: attribute set on a `get_image_features` output (or its feature tensors) run while a method is applied
 ENCODED_ATTR = "_vlmdrop_encoded"
+
+
+def pooled_images(enc: Any, *, layouts: bool) -> list[ImageInput]:
+    """`HFVlmAdapter.images` for families that attach each image's `ImageTokens` to its `pooler_output`
+    tensor (`ENCODED_ATTR`): one image per entry (entries repeated by `generate` share one description)."""
+    out = []
+    for feat in enc.pooler_output:  # (n_before, D) each
+        im = getattr(feat, ENCODED_ATTR, None) if layouts else None
+        if layouts and im is None:
+            raise ValueError("these image features were not encoded while vlmdrop was applied "
+                             "(pass pixel_values, or call generate, with the method applied)")
+        out.append(ImageInput(rows=feat, tokens=im))
+    return out
+
+
+def with_pooler_output(enc: Any, rows: Any) -> Any:
+    """A copy of the encoder output `enc` whose `pooler_output` is `rows` (`HFVlmAdapter.with_features`)."""
+    new = type(enc)(**{k: v for k, v in enc.items()})
+    new.pooler_output = rows
+    return new
 
 
 @functools.cache

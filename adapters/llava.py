@@ -29,7 +29,7 @@ from vlmdrop.interface import ImageTokens
 from vlmdrop.ops.anyres import base_region_map, content_box_from_layout
 
 from .base import HFVlmAdapter, ImageInput, register_adapter
-from .hf_vlm import ENCODED_ATTR, feature_layer_index
+from .hf_vlm import ENCODED_ATTR, feature_layer_index, pooled_images, with_pooler_output
 from .state import EncodeRecord
 
 
@@ -130,19 +130,10 @@ class LlavaAdapter(HFVlmAdapter):
 
     def images(self, enc: Any, input_ids: torch.Tensor, *, layouts: bool = True) -> list[ImageInput]:
         """One image per pooler_output entry (entries repeated by `generate` share one description)."""
-        out = []
-        for feat in enc.pooler_output:  # (n_before, D) each
-            im = getattr(feat, ENCODED_ATTR, None) if layouts else None
-            if layouts and im is None:
-                raise ValueError("these image features were not encoded while vlmdrop was applied "
-                                 "(pass pixel_values, or call generate, with the method applied)")
-            out.append(ImageInput(rows=feat, tokens=im))
-        return out
+        return pooled_images(enc, layouts=layouts)
 
     def with_features(self, enc: Any, feats: list[torch.Tensor]) -> Any:
-        new = type(enc)(**{k: v for k, v in enc.items()})
-        new.pooler_output = feats
-        return new
+        return with_pooler_output(enc, feats)
 
     # ---------------------------------------------------------------- layout
     def _layout(self, feat: torch.Tensor, n_crops: int, size: tuple[int, int] | None,

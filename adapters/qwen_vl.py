@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from typing import Any, ClassVar
 
 import torch
@@ -53,13 +52,14 @@ from vlmdrop.kernels import attention_received
 from vlmdrop.ops.attention import resolve_score
 
 from .base import HFVlmAdapter, ImageInput, Installation, register_adapter
-from .hf_vlm import ENCODED_ATTR
+from .hf_vlm import ENCODED_ATTR, pooled_images, with_pooler_output
 from .state import EncodeRecord
+from .vision_capture import Recorder
 
 logger = logging.getLogger("vlmdrop")
 
 
-class ReceivedCapture:
+class ReceivedCapture(Recorder):
     """Records, per role, the attention each row of a Qwen ViT block receives (`EncodeRecord.cls_rows[role]`,
     (H, S) float32 in the block's row order, each image's columns summing to 1 per head), and optionally the
     feature block's keys (`EncodeRecord.keys`, (S, Dh) before RoPE, mean over heads) and the merger's input
@@ -73,8 +73,7 @@ class ReceivedCapture:
 
     def __init__(self, blocks: dict[str, nn.Module], *, keys_block: nn.Module | None = None,
                  merger: nn.Module | None = None, merger_input: Any = None) -> None:
-        self._local = threading.local()  # .record, .pending: role -> (cu_seqlens, (cos, sin))
-        self.handles: list[Any] = []
+        super().__init__()  # thread-local .record, plus .pending: role -> (cu_seqlens, (cos, sin))
         self.merger_input = merger_input
         targets: dict[nn.Module, list[str]] = {}
         for role, blk in blocks.items():
@@ -92,23 +91,16 @@ class ReceivedCapture:
             self.handles.append(merger.register_forward_pre_hook(self._on_merger))
 
     def begin(self, record: EncodeRecord) -> None:
-        self._local.record, self._local.pending = record, {}
+        super().begin(record)
+        self._local.pending = {}
 
     def end(self) -> None:
-        self._local.record, self._local.pending = None, {}
-
-    def _record(self) -> EncodeRecord | None:
-        return getattr(self._local, "record", None)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self._local = threading.local()
+        super().end()
+        self._local.pending = {}
 
     def _on_attn(self, attn: nn.Module):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._record() is None:
+            if self.record() is None:
                 return
             cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
             emb = kwargs.get("position_embeddings")
@@ -123,7 +115,7 @@ class ReceivedCapture:
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision  # the block's own vision RoPE
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            rec = self._record()
+            rec = self.record()
             if rec is None:
                 return
             cu, (cos, sin) = self._local.pending.pop(id(attn))
@@ -148,7 +140,7 @@ class ReceivedCapture:
         return hook
 
     def _on_merger(self, module: nn.Module, args: tuple) -> None:
-        rec = self._record()
+        rec = self.record()
         if rec is not None and args:
             rec.hidden = self.merger_input(args[0].detach())  # (S / 4, 4C)
 
@@ -296,19 +288,10 @@ class _QwenVLAdapter(HFVlmAdapter):
             start += n
 
     def images(self, enc: Any, input_ids: torch.Tensor, *, layouts: bool = True) -> list[ImageInput]:
-        out = []
-        for feat in enc.pooler_output:  # (n_before, D) each
-            im = getattr(feat, ENCODED_ATTR, None) if layouts else None
-            if layouts and im is None:
-                raise ValueError("these image features were not encoded while vlmdrop was applied "
-                                 "(pass pixel_values, or call generate, with the method applied)")
-            out.append(ImageInput(rows=feat, tokens=im))
-        return out
+        return pooled_images(enc, layouts=layouts)
 
     def with_features(self, enc: Any, rows: list[torch.Tensor]) -> Any:
-        new = type(enc)(**{k: v for k, v in enc.items()})
-        new.pooler_output = tuple(rows)
-        return new
+        return with_pooler_output(enc, tuple(rows))
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -67,7 +67,7 @@ def saliency_from_projections(q: torch.Tensor, k: torch.Tensor, *, score: str, n
     return attention_received(qh, kh, scale=scale)  # (B, H, N)
 
 
-class _Recorder:
+class Recorder:
     """Hooks that record into the calling thread's open `EncodeRecord`, if any."""
 
     def __init__(self) -> None:
@@ -92,7 +92,7 @@ class _Recorder:
         self._local = threading.local()
 
 
-class ClsRowCapture(_Recorder):
+class ClsRowCapture(Recorder):
     """Records, per role, the saliency row of one ViT attention module into `EncodeRecord.cls_rows`:
     its CLS attention row (`score="cls"`) or the attention each token receives (`score="received"`).
 
@@ -145,7 +145,7 @@ class ClsRowCapture(_Recorder):
         return hook
 
 
-class FeatureCapture(_Recorder):
+class FeatureCapture(Recorder):
     """Records a feature layer's keys (averaged over heads, `EncodeRecord.keys`) and the features a
     projector receives (`EncodeRecord.hidden`).
 
