@@ -335,3 +335,64 @@ def test_yes_no_plain_first_feeds_only_plain_yes_no_questions_at_first():
         TrainArgs(out="x", yes_no_plain_first=0.5)
     with pytest.raises(ValueError, match=r"yes_no_plain_first must lie in \[0, 1\], got 2"):
         TrainArgs(out="x", yes_no_share=0.5, yes_no_plain_first=2)
+
+
+def _eager_self_attention(model, views, upto):
+    """Reference: the eager attention maps of the tower's first ``upto`` layers, the patch rows' weight on the
+    patch itself."""
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        att = tower(views, output_attentions=True).attentions[:upto]  # each (V, H, 1 + N, 1 + N)
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    return [torch.diagonal(a[:, :, 1:, 1:], dim1=-2, dim2=-1) for a in att]  # each (V, H, N)
+
+
+@pytest.mark.parametrize("feature_layer, upto", [(-2, 2), (-1, 3), (1, 1)])
+def test_patch_locality_loss_is_the_cross_entropy_of_each_patch_row_with_itself(feature_layer, upto):
+    from vlmdrop.zoo.mini import build_mini
+    from vlmdrop.zoo.train import _PatchLocality
+
+    cfg = MiniConfig(vision_hidden=32, vision_layers=3, vision_heads=4, text_hidden=32, text_layers=1, text_heads=2,
+                     feature_layer=feature_layer)
+    model, _ = build_mini(cfg, seed=3)
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(3, 3, cfg.crop, cfg.crop, generator=g)
+    probe = _PatchLocality(model, 2.5)
+    assert len(probe.attn) == upto  # the layers up to the one whose output the LLM receives
+    with probe:
+        model.model.vision_tower(views)
+    loss = probe.loss()
+    own = _eager_self_attention(model, views, upto)
+    ref = 2.5 * torch.stack([-(d.log()).mean() for d in own]).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    mean_own = float(torch.stack([d.mean() for d in own]).mean().detach())
+    assert probe.logged()["self_attention"] == pytest.approx(mean_own, rel=1e-4)
+    # gradients reach the tower's q/k projections; the hooks are gone after the block
+    loss.backward()
+    assert model.model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(not a._forward_pre_hooks for a in probe.attn)
+    with probe:  # nothing recorded outside the block, a fresh record inside
+        pass
+    assert float(probe.loss()) == 0.0
+
+
+def test_patch_locality_off_records_nothing_and_on_makes_patches_attend_to_themselves(tmp_path):
+    from vlmdrop.zoo.mini import build_mini
+    from vlmdrop.zoo.train import _PatchLocality
+
+    model, _ = build_mini(SMALL, seed=0)
+    off = _PatchLocality(model, 0.0)
+    with off:
+        model.model.vision_tower(torch.zeros(1, 3, SMALL.crop, SMALL.crop))
+    assert float(off.loss()) == 0.0 and off.logged() == {}
+    # a short stage A with the loss on raises the patches' attention on themselves (logged), same command same run
+    out = tmp_path / "local"
+    assert train(_args(out, steps_a=30, steps_b=2, save_every=15, local_patches=5.0, lr_a=1e-2))["finished"]
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    a = [r["self_attention"] for r in rows if r["stage"] == "A"]
+    assert len(a) == 2 and a[1] > a[0] > 1 / (1 + 49), a  # 1 / (CLS + 49 patches): uniform attention
+    assert all("self_attention" in r for r in rows if r["stage"] == "B" and "loss" in r)
+    with pytest.raises(ValueError, match="local_patches must be >= 0"):
+        TrainArgs(out="x", local_patches=-1.0)

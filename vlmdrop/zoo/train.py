@@ -23,6 +23,11 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
   ``--yes-no-plain-first`` the fraction of stage B whose yes/no questions are plain (no "not"/"no"), and
   ``--init-from DIR`` starts a fresh run from the weights of a saved model (e.g. the shipped one,
   with ``--steps-a 0``: stage B only).
+* **Patch locality** (``--local-patches W``, both stages).  In every ViT layer up to the one whose output the
+  LLM receives, each patch query's attention row is pulled onto the patch itself (cross-entropy, weight W);
+  the CLS query stays free.  Then the LLM's feature at a patch depends on that patch's pixels only, so tokens
+  away from the shape carry nothing of it and dropping them cannot be compensated by the rest (without it
+  the tower spreads the shape over its whole tile: ``TRAINING.md``, runs 5-10).
 
 Sample ``j`` of step ``t`` is easyvqa-hr train sample ``(t * batch + j) mod N`` of the stage's
 stream (seeded), and every random choice is keyed on ``(seed, stage, t, j)``: resuming from the
@@ -103,6 +108,7 @@ class TrainArgs:
     yes_no_share: float | None = None  # stage B: share of yes/no questions (None: the stream's own 1/3)
     yes_no_plain_first: float = 0.0  # stage B: fraction in which the yes/no questions are plain (no "not"/"no")
     init_from: str | None = None  # folder of a saved model (save_pretrained) whose weights a fresh run starts from
+    local_patches: float = 0.0  # weight of the patch-locality loss (stages A and B; 0: none)
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -130,6 +136,8 @@ class TrainArgs:
             raise ValueError(f"init_from={self.init_from!r} holds no config.json (a save_pretrained folder is needed)")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.local_patches < 0:
+            raise ValueError(f"local_patches must be >= 0, got {self.local_patches}")
 
 
 # --------------------------------------------------------------------------- data
@@ -240,6 +248,65 @@ def _dense_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _PatchLocality:
+    """The patch-locality loss: while active, the ViT layers up to the one whose output the LLM receives record
+    their attention input (forward pre-hooks; the tower keeps its own attention kernel), and :meth:`loss` is the
+    cross-entropy of every patch query's attention row (over CLS and all patches) with the patch itself as the
+    target, averaged over layers, heads, patches and views.  Driven to zero, a patch attends only to itself, so
+    the features the LLM receives at a patch are a function of that patch's pixels: tokens away from the shape
+    carry nothing of it (the CLS query stays free, which is what HiRED and the other vision methods read).
+    """
+
+    def __init__(self, model: Any, weight: float) -> None:
+        from vlmdrop.adapters.hf_vlm import feature_layer_index
+
+        tower = model.model.vision_tower
+        layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+        self.attn = [layer.self_attn for layer in layers[: feature_layer_index(model.config.vision_feature_layer,
+                                                                              len(layers)) + 1]]
+        self.weight = weight
+        self.inputs: list[tuple[Any, torch.Tensor]] = []
+        self.handles: list[Any] = []
+        self.diag = float("nan")  # mean attention of a patch on itself at the last loss (logged)
+
+    def __enter__(self) -> _PatchLocality:
+        self.inputs = []
+        if self.weight > 0:
+            for attn in self.attn:
+                self.handles.append(attn.register_forward_pre_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.inputs.append((module, hidden))
+
+    def loss(self) -> torch.Tensor:
+        """The weighted loss of the recorded forward (a zero tensor when the weight is 0)."""
+        if not self.inputs:
+            return torch.zeros(())
+        terms, diags = [], []
+        for attn, h in self.inputs:  # h: (V, 1 + N, D)
+            v, t, _ = h.shape
+            q = attn.q_proj(h[:, 1:]).view(v, t - 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(v, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+            logp = torch.log_softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # (V, H, N, 1 + N)
+            own = torch.diagonal(logp[..., 1:], dim1=-2, dim2=-1)  # (V, H, N): log attention on itself
+            terms.append(-own.mean())
+            diags.append(own.detach().exp().mean())
+        self.inputs = []
+        self.diag = float(torch.stack(diags).mean())
+        return self.weight * torch.stack(terms).mean()
+
+    def logged(self) -> dict[str, float]:
+        """``{"self_attention": mean attention of a patch on itself}`` at the last loss; empty when off."""
+        return {"self_attention": self.diag} if self.weight > 0 else {}
+
+
 def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
     """The views of step ``step`` of stage A and their targets.
 
@@ -281,9 +348,11 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
             "kind": torch.tensor(kinds), "dense_shape": torch.stack(dshape), "dense_color": torch.stack(dcolor)}
 
 
-def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], args: TrainArgs) -> torch.Tensor:
+def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], args: TrainArgs,
+                  locality: _PatchLocality) -> torch.Tensor:
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    out = model.model.vision_tower(batch["views"], output_hidden_states=True)
+    with locality:
+        out = model.model.vision_tower(batch["views"], output_hidden_states=True)
     pooled = out.pooler_output  # (V, D)
     named = batch["kind"] == _ZOOM if args.cls_shape == "zoom" else batch["kind"] != _BASE
     loss = F.cross_entropy(heads.shape(pooled[named]), batch["shape"][named])
@@ -292,7 +361,7 @@ def _stage_a_loss(model: Any, heads: _Heads, batch: dict[str, torch.Tensor], arg
         feats = heads.dense_norm(out.hidden_states[args.model.feature_layer][:, 1:])  # (V, N, D), CLS dropped
         loss = loss + args.dense_weight * (_dense_ce(heads.dense_shape(feats), batch["dense_shape"])
                                            + _dense_ce(heads.dense_color(feats), batch["dense_color"]))
-    return loss
+    return loss + locality.loss().to(loss.device)
 
 
 def _stage_b_records(args: TrainArgs, step: int) -> Iterator[dict[str, Any]]:
@@ -531,6 +600,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    locality = _PatchLocality(model, args.local_patches)
     model.train()
     if stage == "A":
         bar = tqdm(total=args.steps_a, initial=step, desc="stage A (tower CLS)", disable=not args.progress)
@@ -542,12 +612,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
             batch_a = _stage_a_batch(args, processor, step)
             for g in opts[0].param_groups:
                 g["lr"] = _lr(step, args.steps_a, args.lr_a)
-            loss = _stage_a_loss(model, heads, batch_a, args)
+            loss = _stage_a_loss(model, heads, batch_a, args, locality)
             ema = _optimizer_step(opts[0], loss, opts[0].param_groups[0]["params"], ema, bar)
             step += 1
             if step % args.save_every == 0 or step == args.steps_a:
                 save()
-                record({"stage": "A", "step": step, "loss": ema,
+                record({"stage": "A", "step": step, "loss": ema, **locality.logged(),
                         **_evaluate_tower(model, heads, processor, held_out, args.model.crop, args.seed)})
         bar.close()
         stage, step, ema = "B", 0, None
@@ -570,7 +640,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         batch = {k: v.to(device) for k, v in _stage_b_batch(args, processor, step).items()}
         for g in opts[1].param_groups:
             g["lr"] = _lr(step, args.steps_b, args.lr_b) * g["scale"]
-        ema = _optimizer_step(opts[1], model(**batch).loss, model.parameters(), ema, bar)
+        with locality:
+            loss = model(**batch).loss
+        ema = _optimizer_step(opts[1], loss + locality.loss().to(loss.device), model.parameters(), ema, bar)
         step += 1
         if step == check_step:
             acc = evaluate_answers(model, processor, held_out)
@@ -584,6 +656,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 raise
         if step % args.save_every == 0 or step == args.steps_b:
             save()
+            record({"stage": "B", "step": step, "loss": ema, **locality.logged()})
     bar.close()
     acc = evaluate_answers(model, processor, held_out)
     record({"stage": "done", "step": step, **acc})
@@ -618,6 +691,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="stage B: share of yes/no questions (default: the stream's own third)")
     p.add_argument("--yes-no-plain-first", type=float, default=d.yes_no_plain_first,
                    help="stage B: fraction whose yes/no questions are plain (no 'not'/'no'); needs --yes-no-share")
+    p.add_argument("--local-patches", type=float, default=d.local_patches,
+                   help="weight of the patch-locality loss: up to the LLM's feature layer a patch attends to itself")
     p.add_argument("--init-from", default=d.init_from,
                    help="a saved model folder (e.g. vlmdrop/zoo/assets/mini-llava-next) a fresh run starts from")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
@@ -643,6 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
                      dense_weight=a.dense_weight, cls_shape=a.cls_shape,
                      yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from,
+                     local_patches=a.local_patches,
                      eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
