@@ -27,8 +27,8 @@ REQUIRE = os.environ.get("VLMDROP_REQUIRE_BROWSER") == "1"
 def _need(ok: bool, reason: str) -> None:
     if not ok:
         if REQUIRE:
-            pytest.fail(f"VLMDROP_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+            pytest.fail(f"VLMDROP_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)  # called at import: the whole module
 
 
 _need(shutil.which("chromium") is not None,
