@@ -396,3 +396,30 @@ def test_patch_locality_off_records_nothing_and_on_makes_patches_attend_to_thems
     assert all("self_attention" in r for r in rows if r["stage"] == "B" and "loss" in r)
     with pytest.raises(ValueError, match="local_patches must be >= 0"):
         TrainArgs(out="x", local_patches=-1.0)
+
+
+def test_drop_visual_hides_only_image_tokens_from_the_lm_and_is_reproducible():
+    from vlmdrop.zoo.mini import build_mini
+    from vlmdrop.zoo.train import _stage_b_batch
+
+    model, processor = build_mini(SMALL, seed=0)
+    plain = _stage_b_batch(_args("x", batch=4, steps_b=10), processor, 5)
+    dropped = _stage_b_batch(_args("x", batch=4, steps_b=10, drop_visual=0.9), processor, 5)
+    again = _stage_b_batch(_args("x", batch=4, steps_b=10, drop_visual=0.9), processor, 5)
+    for k in plain:  # everything but the mask is the batch without dropout
+        assert torch.equal(plain[k], dropped[k]) or k == "attention_mask", k
+        assert torch.equal(dropped[k], again[k]), k
+    image = plain["input_ids"] == processor.image_token_id
+    changed = plain["attention_mask"] != dropped["attention_mask"]
+    assert changed.any() and not (changed & ~image).any()  # some visual tokens hidden, no text or padding
+    assert (dropped["attention_mask"][changed] == 0).all()
+    rates = (changed.sum(1) / image.sum(1)).tolist()  # per row: a rate drawn from U(0, 0.9)
+    assert max(rates) < 0.95 and len(set(rates)) == 4, rates
+    # the LM really loses those tokens: the answer logits move; with the mask back they match again
+    with torch.no_grad():
+        a = model(**plain).logits[:, -3]
+        b = model(**dropped).logits[:, -3]
+        c = model(**{**dropped, "attention_mask": plain["attention_mask"]}).logits[:, -3]
+    assert not torch.allclose(a, b) and torch.allclose(a, c)
+    with pytest.raises(ValueError, match=r"drop_visual must lie in \[0, 1\), got 1"):
+        TrainArgs(out="x", drop_visual=1)

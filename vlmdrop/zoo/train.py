@@ -22,7 +22,8 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
   questions are still taken in stream order, so no question repeats before the stream wraps),
   ``--yes-no-plain-first`` the fraction of stage B whose yes/no questions are plain (no "not"/"no"), and
   ``--init-from DIR`` starts a fresh run from the weights of a saved model (e.g. the shipped one,
-  with ``--steps-a 0``: stage B only).
+  with ``--steps-a 0``: stage B only).  ``--drop-visual P`` hides each visual token from the LM (attention
+  mask) with a per-sample probability drawn from U(0, P): visual-token dropout.
 * **Patch locality** (``--local-patches W``, both stages).  In every ViT layer up to the one whose output the
   LLM receives, each patch query's attention row is pulled onto the patch itself (cross-entropy, weight W);
   the CLS query stays free.  Then the LLM's feature at a patch depends on that patch's pixels only, so tokens
@@ -74,7 +75,7 @@ STATE = "train_state.pt"
 #: too, as long as ``torch.load(weights_only=True)`` accepts the file.
 STATE_FORMAT = 2
 _STATE_KEYS = ("model", "heads", "opt_a", "opt_b", "stage", "step")
-_STAGE_A, _STAGE_B, _EVAL = 1, 2, 3
+_STAGE_A, _STAGE_B, _EVAL, _DROP = 1, 2, 3, 4
 
 
 class ChanceError(RuntimeError):
@@ -109,6 +110,7 @@ class TrainArgs:
     yes_no_plain_first: float = 0.0  # stage B: fraction in which the yes/no questions are plain (no "not"/"no")
     init_from: str | None = None  # folder of a saved model (save_pretrained) whose weights a fresh run starts from
     local_patches: float = 0.0  # weight of the patch-locality loss (stages A and B; 0: none)
+    drop_visual: float = 0.0  # stage B: each visual token is hidden from the LM with probability U(0, drop_visual)
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -138,6 +140,8 @@ class TrainArgs:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if self.local_patches < 0:
             raise ValueError(f"local_patches must be >= 0, got {self.local_patches}")
+        if not 0.0 <= self.drop_visual < 1.0:
+            raise ValueError(f"drop_visual must lie in [0, 1), got {self.drop_visual}")
 
 
 # --------------------------------------------------------------------------- data
@@ -402,7 +406,23 @@ def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -2:] = batch["input_ids"][:, -2:]  # left padding: answer word + </s> are the last two
     batch["labels"] = labels
+    if args.drop_visual > 0:
+        _hide_visual_tokens(batch, processor.image_token_id, args, step)
     return dict(batch)
+
+
+def _hide_visual_tokens(batch: Any, image_token_id: int, args: TrainArgs, step: int) -> None:
+    """Visual-token dropout: in row ``j`` every ``<image>`` position is masked out of the LM's attention
+    (``attention_mask`` 0; positions and the other tokens unchanged) with probability ``r_j ~ U(0,
+    drop_visual)``, keyed on ``(seed, _DROP, step, j)``.  The LM learns to answer from whichever visual
+    tokens are left, as every token-dropping method will ask of it."""
+    mask = batch["attention_mask"]
+    for j in range(mask.shape[0]):
+        rng = _rng(args.seed, _DROP, step, j)
+        rate = rng.uniform(0.0, args.drop_visual)
+        pos = (batch["input_ids"][j] == image_token_id).nonzero().flatten()
+        hide = torch.from_numpy(rng.uniform(size=len(pos)) < rate)
+        mask[j, pos[hide]] = 0
 
 
 @torch.no_grad()
@@ -693,6 +713,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="stage B: fraction whose yes/no questions are plain (no 'not'/'no'); needs --yes-no-share")
     p.add_argument("--local-patches", type=float, default=d.local_patches,
                    help="weight of the patch-locality loss: up to the LLM's feature layer a patch attends to itself")
+    p.add_argument("--drop-visual", type=float, default=d.drop_visual,
+                   help="stage B: hide each visual token from the LM with probability U(0, P) per sample")
     p.add_argument("--init-from", default=d.init_from,
                    help="a saved model folder (e.g. vlmdrop/zoo/assets/mini-llava-next) a fresh run starts from")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
@@ -718,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
                      dense_weight=a.dense_weight, cls_shape=a.cls_shape,
                      yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from,
-                     local_patches=a.local_patches,
+                     local_patches=a.local_patches, drop_visual=a.drop_visual,
                      eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
