@@ -139,9 +139,10 @@ def test_cli_runs_and_writes_the_model(tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["--out", str(out), "--steps-a", "1", "--steps-b", "1", "--batch", "1", "--eval-n", "2",
                "--check-at", "0", "--no-progress", "--crop", "56", "--patch", "14", "--vision-layers", "2",
-               "--text-layers", "1", "--feature-layer", "1", "--cls-shape", "zoom"])
+               "--text-layers", "1", "--feature-layer", "1", "--cls-shape", "zoom", "--drop-visual", "0.4"])
     assert rc == 0 and (out / "model.safetensors").is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finished"] is True
+    assert json.loads((out / "train_args.json").read_text())["drop_visual"] == 0.4
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vision_feature_layer"] == 1 and cfg["vision_config"]["patch_size"] == 14
 
