@@ -424,3 +424,71 @@ def test_drop_visual_hides_only_image_tokens_from_the_lm_and_is_reproducible():
     assert not torch.allclose(a, b) and torch.allclose(a, c)
     with pytest.raises(ValueError, match=r"drop_visual must lie in \[0, 1\), got 1"):
         TrainArgs(out="x", drop_visual=1)
+
+
+def test_probe_targets_spell_the_yes_no_parity_and_the_canvas():
+    from vlmdrop.zoo.easyvqa_hr import ANSWER_COLORS, SHAPES, easyvqa_hr_records
+    from vlmdrop.zoo.train import probe_targets
+
+    seen = set()
+    for r in easyvqa_hr_records("train", seed=0, n=24):
+        shape, color, asked, negated, match = probe_targets(r)
+        assert (shape, color) == (SHAPES.index(r["shape"]), list(ANSWER_COLORS).index(r["color"]))
+        if r["qtype"] != "yes_no":
+            assert (asked, negated, match) == (-100, -100, -100)
+            continue
+        word = (SHAPES + tuple(ANSWER_COLORS))[asked]
+        assert word in r["question"].split() or word + "?" in r["question"].split()
+        assert bool(match) == (word in (r["shape"], r["color"]))
+        assert (r["answer"] == "yes") == (bool(match) != bool(negated))  # the parity the LM must compute
+        seen.add((negated, match))
+    assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}  # the four cells are all there in two blocks
+    bad = {"qtype": "yes_no", "question": "is there a red circle?", "shape": "circle", "color": "red", "answer": "yes"}
+    with pytest.raises(ValueError, match="names .*red.*circle"):
+        probe_targets(bad)
+    with pytest.raises(ValueError, match="not match XOR negation"):
+        probe_targets({**bad, "question": "is there not a circle?"})
+
+
+def test_answer_probes_add_a_loss_that_trains_and_resume_checks_them(tmp_path, monkeypatch):
+    import vlmdrop.zoo.train as train_mod
+    from vlmdrop.zoo.mini import build_mini
+    from vlmdrop.zoo.train import _make_probes, _stage_b_batch
+
+    cfg = MiniConfig(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=3, text_heads=2)
+    args = _args("x", batch=6, steps_b=10, answer_probes=1.0, yes_no_share=0.5, model=cfg)
+    model, processor = build_mini(cfg, seed=0)
+    batch = _stage_b_batch(args, processor, 0)
+    targets = batch.pop("probe_targets")
+    assert targets.shape == (6, 5) and (targets[:, :2] >= 0).all() and ((targets[:, 2:] >= 0).sum(0) == 3).all()
+    plain = _stage_b_batch(_args("x", batch=6, steps_b=10, yes_no_share=0.5, model=cfg), processor, 0)
+    assert plain.keys() == batch.keys() and all(torch.equal(plain[k], batch[k]) for k in batch)
+    probes = _make_probes(args)
+    assert (probes.early, probes.late) == (2, 2)
+    assert [p.out_features for p in probes.heads] == [3, 8, 11, 2, 2]
+    assert _make_probes(_args("x")) is None
+    # the loss is the mean of the five cross-entropies, each on its rows, at the answer position of its layer
+    hs = model(**batch, output_hidden_states=True).hidden_states
+    assert len(hs) == 4
+    want = []
+    for k, head in enumerate(probes.heads):
+        rows = targets[:, k] >= 0
+        want.append(torch.nn.functional.cross_entropy(head(hs[2][rows, -3]), targets[rows, k]))
+    assert torch.allclose(probes.loss(hs, targets), torch.stack(want).mean())
+    # gradient reaches the LM through the probes (what they are for)
+    model.zero_grad()
+    probes.loss(hs, targets).backward()
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.language_model.layers[2].self_attn.q_proj.weight.grad is None  # layer 2's output is read
+    # a run with probes is reproducible, differs from one without, and its state refuses a resume without them
+    kw = dict(steps_a=0, steps_b=2, yes_no_share=0.5, model=cfg)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out in (a, b):
+        assert train(_args(out, answer_probes=0.5, **kw))["finished"]
+    assert train(_args(c, **kw))["finished"]
+    assert _same_weights(_weights(a), _weights(b)) and not _same_weights(_weights(a), _weights(c))
+    assert "probes" in torch.load(a / "train_state.pt", weights_only=True)
+    with pytest.raises(train_mod.StateError, match="with answer probes"):
+        train(_args(a, **{**kw, "steps_b": 3}))
+    with pytest.raises(ValueError, match="answer_probes must be >= 0"):
+        TrainArgs(out="x", answer_probes=-1.0)

@@ -23,7 +23,9 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
   ``--yes-no-plain-first`` the fraction of stage B whose yes/no questions are plain (no "not"/"no"), and
   ``--init-from DIR`` starts a fresh run from the weights of a saved model (e.g. the shipped one,
   with ``--steps-a 0``: stage B only).  ``--drop-visual P`` hides each visual token from the LM (attention
-  mask) with a per-sample probability drawn from U(0, P): visual-token dropout.
+  mask) with a per-sample probability drawn from U(0, P): visual-token dropout.  ``--answer-probes W`` adds
+  linear probes (not saved) on the LM's hidden state at the answer position: the canvas's shape and colour for
+  every question and, for yes/no questions, the asked word, the negation and whether they match (weight W).
 * **Patch locality** (``--local-patches W``, both stages).  In every ViT layer up to the one whose output the
   LLM receives, each patch query's attention row is pulled onto the patch itself (cross-entropy, weight W);
   the CLS query stays free.  Then the LLM's feature at a patch depends on that patch's pixels only, so tokens
@@ -75,7 +77,7 @@ STATE = "train_state.pt"
 #: too, as long as ``torch.load(weights_only=True)`` accepts the file.
 STATE_FORMAT = 2
 _STATE_KEYS = ("model", "heads", "opt_a", "opt_b", "stage", "step")
-_STAGE_A, _STAGE_B, _EVAL, _DROP = 1, 2, 3, 4
+_STAGE_A, _STAGE_B, _EVAL, _DROP, _PROBES = 1, 2, 3, 4, 5
 
 
 class ChanceError(RuntimeError):
@@ -111,6 +113,7 @@ class TrainArgs:
     init_from: str | None = None  # folder of a saved model (save_pretrained) whose weights a fresh run starts from
     local_patches: float = 0.0  # weight of the patch-locality loss (stages A and B; 0: none)
     drop_visual: float = 0.0  # stage B: each visual token is hidden from the LM with probability U(0, drop_visual)
+    answer_probes: float = 0.0  # stage B: weight of the linear probes on the LM's answer position (0: none)
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -142,6 +145,8 @@ class TrainArgs:
             raise ValueError(f"local_patches must be >= 0, got {self.local_patches}")
         if not 0.0 <= self.drop_visual < 1.0:
             raise ValueError(f"drop_visual must lie in [0, 1), got {self.drop_visual}")
+        if self.answer_probes < 0:
+            raise ValueError(f"answer_probes must be >= 0, got {self.answer_probes}")
 
 
 # --------------------------------------------------------------------------- data
@@ -250,6 +255,74 @@ def _dense_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if bool(pos.any()):
         out = out + loss[pos].mean()
     return out
+
+
+#: What the answer probes read from the LM's answer position (the last prompt token): the shape and colour on the
+#: canvas (every question), then for yes/no questions the word asked about, the negation and whether the asked word
+#: is what the canvas shows.  Ignored targets are -100.
+PROBE_TARGETS: tuple[str, ...] = ("seen_shape", "seen_color", "asked", "negated", "match")
+_ASKABLE: tuple[str, ...] = SHAPES + tuple(ANSWER_COLORS)
+
+
+def probe_targets(record: dict[str, Any]) -> list[int]:
+    """The :data:`PROBE_TARGETS` of one easyvqa-hr record (``-100`` where a target does not apply).
+
+    ``asked`` indexes ``SHAPES + ANSWER_COLORS``; ``match`` is 1 when the asked word is the canvas's shape or
+    colour, so the yes/no answer is ``match`` XOR ``negated``.  Raises ``ValueError`` for a yes/no question that
+    names no shape or colour, or two.
+    """
+    out = [SHAPES.index(record["shape"]), _ASKABLE.index(record["color"]) - len(SHAPES), -100, -100, -100]
+    if record["qtype"] != "yes_no":
+        return out
+    words = re.findall(r"[a-z]+", record["question"].lower())
+    asked = [w for w in dict.fromkeys(words) if w in _ASKABLE]
+    if len(asked) != 1:
+        raise ValueError(f"yes/no question {record['question']!r} names {asked}, not one shape or colour")
+    negated = "not" in words or "no" in words
+    match = asked[0] in (record["shape"], record["color"])
+    if match == negated and record["answer"] != "no" or match != negated and record["answer"] != "yes":
+        raise ValueError(f"question {record['question']!r} on a {record['color']} {record['shape']}: "
+                         f"answer {record['answer']!r} is not match XOR negation")
+    out[2:] = [_ASKABLE.index(asked[0]), int(negated), int(match)]
+    return out
+
+
+class _AnswerProbes(torch.nn.Module):
+    """Stage B's answer probes (not saved with the model): linear heads on the LM's hidden state at the answer
+    position.  ``seen_shape``, ``seen_color``, ``asked`` and ``negated`` read the output of LM layer
+    ``ceil(L / 2)``, ``match`` that of layer ``L - 1`` (``L`` text layers), so the last layer is left the XOR of
+    match and negation.  Their cross-entropy gives every question a gradient for gathering the canvas's shape and
+    colour at the answer position, and the yes/no questions a gradient for each part of their three-way parity,
+    which on its own has none of first or second order (TRAINING.md, run 8)."""
+
+    def __init__(self, hidden: int, text_layers: int) -> None:
+        super().__init__()
+        self.early = math.ceil(text_layers / 2)
+        self.late = max(text_layers - 1, self.early)
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in
+                                          (len(SHAPES), len(ANSWER_COLORS), len(_ASKABLE), 2, 2)])
+
+    def loss(self, hidden_states: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Mean over the probes of their cross-entropy on the rows where they apply; ``hidden_states`` as the LM
+        returns them (embeddings first), ``targets`` ``[batch, 5]``."""
+        early, late = hidden_states[self.early][:, -3], hidden_states[self.late][:, -3]  # -3: predicts the answer
+        losses = []
+        for k, head in enumerate(self.heads):
+            keep = targets[:, k] >= 0
+            if bool(keep.any()):
+                x = late if PROBE_TARGETS[k] == "match" else early
+                losses.append(F.cross_entropy(head(x[keep].float()), targets[keep, k]))
+        return torch.stack(losses).mean()
+
+
+def _make_probes(args: TrainArgs) -> _AnswerProbes | None:
+    """The probes when ``answer_probes > 0``, initialised from their own seed (the global RNG is left as it is, so
+    runs without probes are unchanged)."""
+    if args.answer_probes <= 0:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed * 1000 + _PROBES)
+        return _AnswerProbes(args.model.text_hidden, args.model.text_layers)
 
 
 class _PatchLocality:
@@ -396,19 +469,23 @@ def _stage_b_records(args: TrainArgs, step: int) -> Iterator[dict[str, Any]]:
 def _stage_b_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
     cfg = args.model
     zoom_p = 1.0 if step < args.zoom_only * args.steps_b else args.zoom_mix
-    images, texts = [], []
+    images, texts, targets = [], [], []
     for j, r in enumerate(_stage_b_records(args, step)):
         rng = _rng(args.seed, _STAGE_B, step, j)
         zoomed = rng.uniform() < zoom_p
         images.append(zoom_view(r["image"], r["bbox"], rng, cfg.crop) if zoomed else r["image"])
         texts.append(prompt(processor, r["question"]) + " " + r["answer"] + processor.tokenizer.eos_token)
+        targets.append(probe_targets(r))
     batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -2:] = batch["input_ids"][:, -2:]  # left padding: answer word + </s> are the last two
     batch["labels"] = labels
     if args.drop_visual > 0:
         _hide_visual_tokens(batch, processor.image_token_id, args, step)
-    return dict(batch)
+    out = dict(batch)
+    if args.answer_probes > 0:
+        out["probe_targets"] = torch.tensor(targets, dtype=torch.long)
+    return out
 
 
 def _hide_visual_tokens(batch: Any, image_token_id: int, args: TrainArgs, step: int) -> None:
@@ -497,24 +574,30 @@ def _lr(step: int, total: int, peak: float) -> float:
 # --------------------------------------------------------------------------- driver
 
 
-def _optimizers(model: Any, heads: _Heads, args: TrainArgs) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def _optimizers(model: Any, heads: _Heads, args: TrainArgs,
+                probes: _AnswerProbes | None = None) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
     opt_a = torch.optim.AdamW(tower + list(heads.parameters()), lr=args.lr_a, weight_decay=0.01)
-    opt_b = torch.optim.AdamW([{"params": tower, "scale": args.tower_lr_scale}, {"params": rest, "scale": 1.0}],
-                              lr=args.lr_b, weight_decay=0.01)
+    groups = [{"params": tower, "scale": args.tower_lr_scale}, {"params": rest, "scale": 1.0}]
+    if probes is not None:
+        groups.append({"params": list(probes.parameters()), "scale": 1.0})
+    opt_b = torch.optim.AdamW(groups, lr=args.lr_b, weight_decay=0.01)
     return opt_a, opt_b
 
 
 def _save_state(path: Path, *, model: Any, heads: _Heads, opts: tuple, stage: str, step: int, ema: float | None,
-                log_rows: list[dict[str, Any]]) -> None:
+                log_rows: list[dict[str, Any]], probes: _AnswerProbes | None = None) -> None:
     """Write the resumable state atomically: state dicts (tensors, numbers, strings), the stage, the step, the
     loss EMA and the log as JSON text, so that ``torch.load(weights_only=True)`` reads it back."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": STATE_FORMAT, "model": model.state_dict(), "heads": heads.state_dict(),
-                "opt_a": opts[0].state_dict(), "opt_b": opts[1].state_dict(), "stage": stage, "step": int(step),
-                "ema": None if ema is None else float(ema), "log_json": json.dumps(log_rows)}, tmp)
+    st = {"format": STATE_FORMAT, "model": model.state_dict(), "heads": heads.state_dict(),
+          "opt_a": opts[0].state_dict(), "opt_b": opts[1].state_dict(), "stage": stage, "step": int(step),
+          "ema": None if ema is None else float(ema), "log_json": json.dumps(log_rows)}
+    if probes is not None:
+        st["probes"] = probes.state_dict()
+    torch.save(st, tmp)
     tmp.replace(path)
 
 
@@ -588,12 +671,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
                           ("cpu" if args.device == "auto" else args.device))
     model, processor = build_mini(args.model, seed=args.seed)
     heads = _Heads(args.model.vision_hidden)
+    probes = _make_probes(args)
     state_path = out / STATE
     if args.init_from is not None and not state_path.exists():  # a fresh run starts from these weights
         _init_weights(model, Path(args.init_from))
     model.to(device)
     heads.to(device)
-    opts = _optimizers(model, heads, args)
+    if probes is not None:
+        probes.to(device)
+    opts = _optimizers(model, heads, args, probes)
     stage, step, log_rows = "A", 0, []
     (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1), encoding="utf-8")
     ema: float | None = None  # loss EMA shown on the progress bar and logged (part of the state, so logs match)
@@ -601,6 +687,11 @@ def train(args: TrainArgs) -> dict[str, Any]:
         st = _load_state(state_path, device)
         model.load_state_dict(st["model"])
         heads.load_state_dict(st["heads"])
+        if (probes is None) != ("probes" not in st):
+            raise StateError(f"{state_path} was written {'with' if 'probes' in st else 'without'} answer probes, "
+                             f"and this run has answer_probes={args.answer_probes}: resume with the same options")
+        if probes is not None:
+            probes.load_state_dict(st["probes"])
         opts[0].load_state_dict(st["opt_a"])
         opts[1].load_state_dict(st["opt_b"])
         stage, step, log_rows, ema = st["stage"], st["step"], st["log"], st["ema"]
@@ -612,7 +703,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     def save() -> None:
         _save_state(state_path, model=model, heads=heads, opts=opts, stage=stage, step=step, ema=ema,
-                    log_rows=log_rows)
+                    log_rows=log_rows, probes=probes)
 
     def record(row: dict) -> None:
         log_rows.append(row)
@@ -658,11 +749,16 @@ def train(args: TrainArgs) -> dict[str, Any]:
             processor.save_pretrained(partial)
             return {"finished": False, "stage": stage, "step": step}
         batch = {k: v.to(device) for k, v in _stage_b_batch(args, processor, step).items()}
+        targets = batch.pop("probe_targets", None)
         for g in opts[1].param_groups:
             g["lr"] = _lr(step, args.steps_b, args.lr_b) * g["scale"]
         with locality:
-            loss = model(**batch).loss
-        ema = _optimizer_step(opts[1], loss + locality.loss().to(loss.device), model.parameters(), ema, bar)
+            res = model(**batch, output_hidden_states=probes is not None)
+        loss = res.loss
+        if probes is not None:
+            loss = loss + args.answer_probes * probes.loss(res.hidden_states, targets)
+        clip = list(model.parameters()) + ([] if probes is None else list(probes.parameters()))
+        ema = _optimizer_step(opts[1], loss + locality.loss().to(loss.device), clip, ema, bar)
         step += 1
         if step == check_step:
             acc = evaluate_answers(model, processor, held_out)
@@ -715,6 +811,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the patch-locality loss: up to the LLM's feature layer a patch attends to itself")
     p.add_argument("--drop-visual", type=float, default=d.drop_visual,
                    help="stage B: hide each visual token from the LM with probability U(0, P) per sample")
+    p.add_argument("--answer-probes", type=float, default=d.answer_probes,
+                   help="stage B: weight of linear probes at the LM's answer position (seen shape and colour; for "
+                        "yes/no: asked word, negation, match)")
     p.add_argument("--init-from", default=d.init_from,
                    help="a saved model folder (e.g. vlmdrop/zoo/assets/mini-llava-next) a fresh run starts from")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
@@ -740,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
                      dense_weight=a.dense_weight, cls_shape=a.cls_shape,
                      yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from,
-                     local_patches=a.local_patches, drop_visual=a.drop_visual,
+                     local_patches=a.local_patches, drop_visual=a.drop_visual, answer_probes=a.answer_probes,
                      eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
