@@ -44,8 +44,8 @@ def test_loads_through_from_pretrained(default):
 def test_answers_held_out_questions(default, records):
     model, processor = default
     full = evaluate_dropping(model, processor, records, None, 1.0)
-    # chance: shape 1/3, colour 1/8 (yes/no, chance 1/2, is not learned yet: see the README)
-    assert full["shape"] >= 0.8 and full["color"] >= 0.8, full
+    # chance: shape 1/3, colour 1/8, yes/no 1/2 (run 17 learned yes/no: 0.81 on 240 held-out, 0.875 on these 16)
+    assert full["shape"] >= 0.8 and full["color"] >= 0.8 and full["yes_no"] >= 0.75, full
     hired = evaluate_dropping(model, processor, records, "hired", 0.1)
     assert hired["kept_mean"] == pytest.approx(0.1 * full["n_before_mean"], abs=1.0)
     assert hired["shape"] >= 0.75 and hired["color"] >= 0.75, hired
@@ -53,17 +53,23 @@ def test_answers_held_out_questions(default, records):
 
 
 def test_generate_answers_in_words(default, records):
+    """`generate` with the prompt every entry point sends (LLaVA's short-answer suffix, as `vlmdrop run`'s default
+    question, the demo's samples and `vlmdrop eval`'s easyvqa-hr task): the answer word, for each question type.
+    Without the suffix, which the model never saw in training, run 17 names the shape whatever is asked (README)."""
     from vlmdrop.cli import build_prompt
+    from vlmdrop.zoo.mini import SUFFIX
 
     model, processor = default
-    recs = [r for r in records if r["qtype"] == "color"][:4]
-    inputs = processor(images=[r["image"] for r in recs], text=[build_prompt(processor, r["question"]) for r in recs],
-                       return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    words = [t.split()[0] if t.split() else "" for t in texts]
-    assert sum(w == r["answer"] for w, r in zip(words, recs)) >= 3, (words, [r["answer"] for r in recs])
+    for qtype in ("color", "shape", "yes_no"):
+        recs = [r for r in records if r["qtype"] == qtype][:4]
+        inputs = processor(images=[r["image"] for r in recs],
+                           text=[build_prompt(processor, r["question"] + SUFFIX) for r in recs],
+                           return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        words = [t.split()[0] if t.split() else "" for t in texts]
+        assert sum(w == r["answer"] for w, r in zip(words, recs)) >= 3, (qtype, words, [r["answer"] for r in recs])
 
 
 def test_evaluate_cli_prints_the_table(capsys, caplog, tmp_path):
