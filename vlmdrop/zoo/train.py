@@ -63,7 +63,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .easyvqa_hr import ANSWER_COLORS, QTYPES, SHAPES, easyvqa_hr_max_n, easyvqa_hr_qtype_index, easyvqa_hr_records
+from .easyvqa_hr import (
+    ANSWER_COLORS,
+    QTYPES,
+    SHAPES,
+    _is_negated,
+    _words,
+    easyvqa_hr_max_n,
+    easyvqa_hr_qtype_index,
+    easyvqa_hr_records,
+)
 from .mini import MiniConfig, build_mini, prompt
 from .token_boxes import anyres_layout
 
@@ -274,11 +283,10 @@ def probe_targets(record: dict[str, Any]) -> list[int]:
     out = [SHAPES.index(record["shape"]), _ASKABLE.index(record["color"]) - len(SHAPES), -100, -100, -100]
     if record["qtype"] != "yes_no":
         return out
-    words = re.findall(r"[a-z]+", record["question"].lower())
-    asked = [w for w in dict.fromkeys(words) if w in _ASKABLE]
+    asked = [w for w in dict.fromkeys(_words(record["question"])) if w in _ASKABLE]
     if len(asked) != 1:
         raise ValueError(f"yes/no question {record['question']!r} names {asked}, not one shape or colour")
-    negated = "not" in words or "no" in words
+    negated = _is_negated(record["question"])
     match = asked[0] in (record["shape"], record["color"])
     if match == negated and record["answer"] != "no" or match != negated and record["answer"] != "yes":
         raise ValueError(f"question {record['question']!r} on a {record['color']} {record['shape']}: "
