@@ -74,3 +74,18 @@ def test_sampling_no_cache_and_labels():
             outs.append(model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=10))
         assert torch.equal(outs[0], outs[1])
     assert [s.n_kept for s in h.stats.images] == [round(s.n_before / 2) for s in h.stats.images]
+
+
+@pytest.mark.parametrize("n_layers,n_before", [(3, 105), (5, 105), (5, 201), (32, 576), (7, 10)])
+@pytest.mark.parametrize("budget", [0.1, 0.05, 0.2, 0.3])
+def test_pdrop_budget_leaves_round_budget_n_after_its_last_stage(n_layers, n_before, budget):
+    """A budget mapped to per-stage ratios (budget ** (1/n)) leaves round(budget * n) tokens after the last stage,
+    as every other method keeps: the ratios' float product (0.1 ** (1/3) cubed is 0.10000000000000002) once kept 11
+    of 105 tokens at a budget of 0.1 on a 5-layer LM (three stages)."""
+    from vlmdrop.eval.params import method_params
+    from vlmdrop.methods.pdrop import PDrop, PDropConfig
+
+    kw = method_params("pdrop", budget, num_layers=n_layers)
+    method = PDrop(PDropConfig(**kw))
+    last = len(method.config.layers) - 1  # the default 8/16/24 on 32 layers
+    assert method.n_keep(last, n_before, n_before) == max(1, round(budget * n_before))

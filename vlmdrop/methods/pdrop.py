@@ -120,4 +120,7 @@ class PDrop(LLMMethod):
         frac = 1.0
         for r in self.config.ratios()[: stage + 1]:
             frac *= r
+        # the product of ratios mapped from a budget carries float error (0.1 ** (1/3) cubed is 0.10000000000000002):
+        # rounded to 12 places, a budget of 0.1 keeps round(0.1 * n) after the last stage, as every other method
+        frac = round(frac, 12)
         return min(n_present, max(1, round(frac * n_before))) if n_before else 0
