@@ -235,9 +235,10 @@ def test_run_default_parameters_on_embedded_model(method, embedded, monkeypatch,
     assert main(["run", "--method", method, "--max-new-tokens", "1", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     if method == "pdrop":
-        assert "layers=(1, 2)" in _config_line(out) and "from the 3-layer LM" in _config_line(out)
-    if method == "fastv":  # the paper's layer 2 moved into the first third of the 3-layer LM, as zoo.evaluate runs it
-        assert "layer=1," in _config_line(out) and "from the 3-layer LM" in _config_line(out)
+        # the paper's 8/16/24 of 32 layers scaled to the embedded 5-layer LM
+        assert "layers=(1, 3, 4)" in _config_line(out) and "from the 5-layer LM" in _config_line(out)
+    if method == "fastv":  # the paper's layer 2 moved into the first third of the 5-layer LM, as zoo.evaluate runs it
+        assert "layer=1," in _config_line(out) and "from the 5-layer LM" in _config_line(out)
 
 
 def test_run_stack(deep_next, monkeypatch, capsys):

@@ -190,9 +190,9 @@ def test_llm_stage_methods_take_their_budget_parameter(tmp_path, capsys):
 
 
 def test_llm_stage_methods_on_the_embedded_model_as_zoo_evaluate_runs_them(tmp_path, capsys):
-    """`vlmdrop eval --method pdrop` on the embedded 3-layer LM failed with layers=8; it now runs with the
-    parameters `python -m vlmdrop.zoo.evaluate` has always used there (its published table): FastV at layer 1,
-    PyramidDrop at layers 1 and 2 keeping budget ** (1/2) at each, so that budget is what is left."""
+    """`vlmdrop eval --method pdrop` on the embedded LM (5 layers) failed with layers=8; it now runs with the
+    parameters `python -m vlmdrop.zoo.evaluate` uses there (its published table): FastV at layer 1, PyramidDrop at
+    layers 1, 3 and 4 keeping budget ** (1/3) at each, so that budget is what is left."""
     from vlmdrop.eval.cli import cli
 
     rc = cli(["--task", "easyvqa", "--limit", "2", "--method", "fastv,pdrop", "--budget", "0.1",
@@ -200,7 +200,7 @@ def test_llm_stage_methods_on_the_embedded_model_as_zoo_evaluate_runs_them(tmp_p
     assert rc == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "o" / "run.json").read_text())
     assert record["configs"] == {"full@1": {}, "fastv@0.1": {"keep": 0.1, "layer": 1},
-                                 "pdrop@0.1": {"ratio": 0.1 ** 0.5, "layers": [1, 2]}}
+                                 "pdrop@0.1": {"ratio": 0.1 ** (1 / 3), "layers": [1, 3, 4]}}
     for key in ("fastv@0.1", "pdrop@0.1"):
         rows = read_jsonl(tmp_path / "o" / "easyvqa" / f"{key}.part0.jsonl")
         assert len(rows) == 2 and all(r["params"] == record["configs"][key] for r in rows)

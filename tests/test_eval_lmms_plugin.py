@@ -50,7 +50,7 @@ def test_budget_and_the_parameter_it_sets_are_refused(plugin, extra, monkeypatch
 
 def test_keep_without_budget_is_the_method_parameter(plugin):
     m = plugin.VlmdropLMMS(method="fastv", keep="0.5")
-    assert m.params == {"keep": 0.5, "layer": 1}  # the embedded 3-layer LM: the depth default too
+    assert m.params == {"keep": 0.5, "layer": 1}  # the embedded 5-layer LM: the depth default too
     assert m.gen.handle.config.keep == 0.5 and m.gen.handle.config.layer == 1
 
 
@@ -58,6 +58,6 @@ def test_budget_maps_as_vlmdrop_eval_on_the_embedded_model(plugin):
     from vlmdrop.eval.params import method_params
 
     m = plugin.VlmdropLMMS(method="pdrop", budget="0.1")
-    assert m.params == {"ratio": 0.1 ** 0.5, "layers": [1, 2]} == method_params("pdrop", 0.1, num_layers=3)
-    assert m.gen.handle.config.layers == (1, 2)
+    assert m.params == {"ratio": 0.1 ** (1 / 3), "layers": [1, 3, 4]} == method_params("pdrop", 0.1, num_layers=5)
+    assert m.gen.handle.config.layers == (1, 3, 4)
     m.gen.close()

@@ -114,20 +114,20 @@ def _missed(r: dict[str, float]) -> str:
 def _table(results: dict[str, dict[str, float]]) -> str:
     """Markdown table of ``results`` (first entry ``full``), fractions with 3 decimals."""
     full = results["full"]
-    lines = ["| config | shape | colour | yes/no | all | shape / full | colour / full | touch | touch (grid) "
-             "| shape, colour when missed | kept tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | shape | colour | yes/no | all | shape / full | colour / full | yes/no / full | touch "
+             "| touch (grid) | shape, colour when missed | kept tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         kept = f"{r['kept_mean']:.1f}" if "kept_mean" in r else f"{r.get('n_before_mean', 0):.1f} (all)"
-        rel = [f"{r[q] / full[q]:.3f}" if full.get(q) else "-" for q in ("shape", "color")]
+        rel = " | ".join(f"{r[q] / full[q]:.3f}" if full.get(q) else "-" for q in QTYPES)
         lines.append(f"| {name} | {r['shape']:.3f} | {r['color']:.3f} | {r['yes_no']:.3f} | {r['all']:.3f} | "
-                     f"{rel[0]} | {rel[1]} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {_missed(r)} | {kept} |")
+                     f"{rel} | {r['touch']:.3f} | {r['touch_grid']:.3f} | {_missed(r)} | {kept} |")
     return "\n".join(lines)
 
 
 LEGEND = """\
 shape, colour, yes/no, all: accuracy of the greedy first answer token, per question type and overall.
-shape / full, colour / full: that accuracy divided by the full model's.
+shape / full, colour / full, yes/no / full: that accuracy divided by the full model's.
 touch: share of samples where some kept visual token's canvas box overlaps the shape (merged / pooled rows count
   the positions they summarise; FastV, PyramidDrop: the tokens left in the last layer); touch (grid): the same,
   counting only the high-resolution AnyRes grid tokens.
