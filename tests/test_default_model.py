@@ -44,11 +44,11 @@ def test_loads_through_from_pretrained(default):
 def test_answers_held_out_questions(default, records):
     model, processor = default
     full = evaluate_dropping(model, processor, records, None, 1.0)
-    # chance: shape 1/3, colour 1/8, yes/no 1/2 (run 17 learned yes/no: 0.81 on 240 held-out, 0.875 on these 16)
-    assert full["shape"] >= 0.8 and full["color"] >= 0.8 and full["yes_no"] >= 0.75, full
+    # chance: shape 1/3, colour 1/8, yes/no 1/2 (run 19: 0.91 / 1.00 / 0.99 on 240 held-out, 0.88 / 1.00 / 0.94 here)
+    assert full["shape"] >= 0.8 and full["color"] >= 0.8 and full["yes_no"] >= 0.8, full
     hired = evaluate_dropping(model, processor, records, "hired", 0.1)
     assert hired["kept_mean"] == pytest.approx(0.1 * full["n_before_mean"], abs=1.0)
-    assert hired["shape"] >= 0.75 and hired["color"] >= 0.75, hired
+    assert hired["shape"] >= 0.75 and hired["color"] >= 0.75 and hired["yes_no"] >= 0.8, hired
     assert hired["touch"] >= 0.8, hired
 
 
@@ -68,7 +68,7 @@ def test_answers_live_where_the_shape_is(default, records):
 def test_generate_answers_in_words(default, records):
     """`generate` with the prompt every entry point sends (LLaVA's short-answer suffix, as `vlmdrop run`'s default
     question, the demo's samples and `vlmdrop eval`'s easyvqa-hr task): the answer word, for each question type.
-    Without the suffix, which the model never saw in training, run 17 names the shape whatever is asked (README)."""
+    The model never saw a question without the suffix in training (README, *The embedded model*)."""
     from vlmdrop.cli import build_prompt
     from vlmdrop.zoo.mini import SUFFIX
 

@@ -7,8 +7,8 @@ Usage::
 
 The answer is the greedy first token of one prefill forward (every easyvqa-hr answer is one word).
 A budget maps to each method's parameters as in ``vlmdrop eval`` (``vlmdrop.eval.params.method_params``
-with the LM's depth; on the embedded 3-layer LM FastV drops at layer 1 keeping ``budget``, PyramidDrop
-at layers 1 and 2 keeping ``budget ** (1 / 2)`` at each, i.e. ``budget`` after the last).
+with the LM's depth; on the embedded 5-layer LM FastV drops at layer 1 keeping ``budget``, PyramidDrop
+at layers 1, 3 and 4 keeping ``budget ** (1 / 3)`` at each, i.e. ``budget`` after the last).
 "Touches the shape": some kept visual position (base image or AnyRes grid, see
 `vlmdrop.zoo.token_boxes`) covers a canvas box overlapping the shape's bbox.
 """
