@@ -24,6 +24,15 @@ def records():
     return list(easyvqa_hr_records("test", seed=0, n=48))
 
 
+@pytest.fixture(scope="module")
+def scores(default, records):
+    """`evaluate_dropping` on those questions: the full model, HiRED and random at 10 %, computed once."""
+    model, processor = default
+    return {"full": evaluate_dropping(model, processor, records, None, 1.0),
+            "hired": evaluate_dropping(model, processor, records, "hired", 0.1),
+            "random": evaluate_dropping(model, processor, records, "random", 0.1)}
+
+
 def test_checkpoint_files_and_size():
     folder = default_model_path()
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
@@ -41,24 +50,20 @@ def test_loads_through_from_pretrained(default):
     assert not model.training and model.config._attn_implementation == "sdpa"
 
 
-def test_answers_held_out_questions(default, records):
-    model, processor = default
-    full = evaluate_dropping(model, processor, records, None, 1.0)
+def test_answers_held_out_questions(scores):
+    full = scores["full"]
     # chance: shape 1/3, colour 1/8, yes/no 1/2 (run 19: 0.91 / 1.00 / 0.99 on 240 held-out, 0.88 / 1.00 / 0.94 here)
     assert full["shape"] >= 0.8 and full["color"] >= 0.8 and full["yes_no"] >= 0.8, full
-    hired = evaluate_dropping(model, processor, records, "hired", 0.1)
+    hired = scores["hired"]
     assert hired["kept_mean"] == pytest.approx(0.1 * full["n_before_mean"], abs=1.0)
     assert hired["shape"] >= 0.75 and hired["color"] >= 0.75 and hired["yes_no"] >= 0.8, hired
     assert hired["touch"] >= 0.8, hired
 
 
-def test_answers_live_where_the_shape_is(default, records):
+def test_answers_live_where_the_shape_is(scores):
     """Locality (issue 17): the shape and colour answers are read from the shape's own tokens, so random dropping at
     10 %, whose kept tokens miss the shape in about 40 % of the samples, loses them, while HiRED keeps them."""
-    model, processor = default
-    full = evaluate_dropping(model, processor, records, None, 1.0)
-    rnd = evaluate_dropping(model, processor, records, "random", 0.1)
-    hired = evaluate_dropping(model, processor, records, "hired", 0.1)
+    full, hired, rnd = scores["full"], scores["hired"], scores["random"]
     for q in ("shape", "color"):
         assert rnd[q] <= full[q] - 0.15, (q, full, rnd)
         assert hired[q] >= rnd[q] + 0.15, (q, hired, rnd)
