@@ -426,6 +426,41 @@ def test_drop_visual_hides_only_image_tokens_from_the_lm_and_is_reproducible():
         TrainArgs(out="x", drop_visual=1)
 
 
+def test_drop_positions_compact_equals_removing_the_hidden_tokens():
+    """Reference: the LM run on each row with its hidden visual tokens (and padding) cut out of the sequence.
+    ``drop_positions="compact"`` must give the same answer logits; ``"keep"`` does not (its positions have gaps)."""
+    from vlmdrop.zoo.mini import build_mini
+    from vlmdrop.zoo.train import _stage_b_batch
+
+    model, processor = build_mini(SMALL, seed=0)
+    model.eval()
+    lm = model.model.language_model
+    seen = {}
+    handle = lm.register_forward_pre_hook(lambda mod, a, kw: seen.update(kw), with_kwargs=True)
+    logits = {}
+    try:
+        for mode in ("keep", "compact"):
+            batch = _stage_b_batch(_args("x", batch=4, steps_b=10, drop_visual=0.9, drop_positions=mode), processor, 5)
+            assert ("position_ids" in batch) == (mode == "compact")
+            with torch.no_grad():
+                logits[mode] = model(**batch).logits[:, -3]  # (B, V): the answer's logits
+    finally:
+        handle.remove()
+    mask, embeds = batch["attention_mask"], seen["inputs_embeds"]  # the compact batch's LM input
+    hidden = (batch["input_ids"] == processor.image_token_id) & (mask == 0)
+    assert hidden.sum(1).min() > 0  # every row hides some visual tokens
+    for j in range(mask.shape[0]):
+        keep = mask[j] == 1
+        with torch.no_grad():
+            h = lm(inputs_embeds=embeds[j, keep][None]).last_hidden_state[0, -3]
+            ref = model.lm_head(h)
+        err_compact = float((logits["compact"][j] - ref).abs().max())
+        err_keep = float((logits["keep"][j] - ref).abs().max())  # position gaps: a small random LM still moves
+        assert err_compact < 1e-5 and err_keep > 20 * max(err_compact, 1e-7), (j, err_compact, err_keep)
+    with pytest.raises(ValueError, match="drop_positions must be 'keep' or 'compact'"):
+        TrainArgs(out="x", drop_positions="shift")
+
+
 def test_probe_targets_spell_the_yes_no_parity_and_the_canvas():
     from vlmdrop.zoo.easyvqa_hr import ANSWER_COLORS, SHAPES, easyvqa_hr_records
     from vlmdrop.zoo.train import probe_targets

@@ -122,6 +122,7 @@ class TrainArgs:
     init_from: str | None = None  # folder of a saved model (save_pretrained) whose weights a fresh run starts from
     local_patches: float = 0.0  # weight of the patch-locality loss (stages A and B; 0: none)
     drop_visual: float = 0.0  # stage B: each visual token is hidden from the LM with probability U(0, drop_visual)
+    drop_positions: str = "keep"  # "keep": hidden tokens keep their positions; "compact": renumbered as if removed
     answer_probes: float = 0.0  # stage B: weight of the linear probes on the LM's answer position (0: none)
     eval_n: int = 96
     save_every: int = 200
@@ -154,6 +155,8 @@ class TrainArgs:
             raise ValueError(f"local_patches must be >= 0, got {self.local_patches}")
         if not 0.0 <= self.drop_visual < 1.0:
             raise ValueError(f"drop_visual must lie in [0, 1), got {self.drop_visual}")
+        if self.drop_positions not in ("keep", "compact"):
+            raise ValueError(f"drop_positions must be 'keep' or 'compact', got {self.drop_positions!r}")
         if self.answer_probes < 0:
             raise ValueError(f"answer_probes must be >= 0, got {self.answer_probes}")
 
@@ -500,7 +503,12 @@ def _hide_visual_tokens(batch: Any, image_token_id: int, args: TrainArgs, step: 
     """Visual-token dropout: in row ``j`` every ``<image>`` position is masked out of the LM's attention
     (``attention_mask`` 0; positions and the other tokens unchanged) with probability ``r_j ~ U(0,
     drop_visual)``, keyed on ``(seed, _DROP, step, j)``.  The LM learns to answer from whichever visual
-    tokens are left, as every token-dropping method will ask of it."""
+    tokens are left, as every token-dropping method will ask of it.
+
+    With ``drop_positions="compact"`` the batch also gets ``position_ids`` that skip the hidden tokens (each
+    position minus the hidden tokens before it), so the LM sees the kept tokens numbered as a vision-stage
+    method's compaction numbers them (the rows removed, the rest contiguous); with ``"keep"`` (the default, the
+    recipe of runs 13-22) they keep the positions of the full sequence, which no dropping method produces."""
     mask = batch["attention_mask"]
     for j in range(mask.shape[0]):
         rng = _rng(args.seed, _DROP, step, j)
@@ -508,6 +516,10 @@ def _hide_visual_tokens(batch: Any, image_token_id: int, args: TrainArgs, step: 
         pos = (batch["input_ids"][j] == image_token_id).nonzero().flatten()
         hide = torch.from_numpy(rng.uniform(size=len(pos)) < rate)
         mask[j, pos[hide]] = 0
+    if args.drop_positions == "compact":
+        hidden = (batch["input_ids"] == image_token_id) & (mask == 0)  # (B, L): the visual tokens just hidden
+        before = torch.cumsum(hidden.long(), dim=1) - hidden.long()  # hidden tokens strictly before each position
+        batch["position_ids"] = torch.arange(mask.shape[1]).expand_as(mask) - before  # (B, L)
 
 
 @torch.no_grad()
@@ -819,6 +831,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the patch-locality loss: up to the LLM's feature layer a patch attends to itself")
     p.add_argument("--drop-visual", type=float, default=d.drop_visual,
                    help="stage B: hide each visual token from the LM with probability U(0, P) per sample")
+    p.add_argument("--drop-positions", default=d.drop_positions, choices=["keep", "compact"],
+                   help="stage B, with --drop-visual: hidden tokens keep their positions, or the rest are renumbered "
+                        "as a vision-stage method's compaction does")
     p.add_argument("--answer-probes", type=float, default=d.answer_probes,
                    help="stage B: weight of linear probes at the LM's answer position (seen shape and colour; for "
                         "yes/no: asked word, negation, match)")
@@ -847,7 +862,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      zoom_mix=a.zoom_mix, check_at=a.check_at, tile_views=a.tile_views, zoom_views=a.zoom_views,
                      dense_weight=a.dense_weight, cls_shape=a.cls_shape,
                      yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from,
-                     local_patches=a.local_patches, drop_visual=a.drop_visual, answer_probes=a.answer_probes,
+                     local_patches=a.local_patches, drop_visual=a.drop_visual, drop_positions=a.drop_positions,
+                     answer_probes=a.answer_probes,
                      eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
