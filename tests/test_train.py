@@ -527,3 +527,62 @@ def test_answer_probes_add_a_loss_that_trains_and_resume_checks_them(tmp_path, m
         train(_args(a, **{**kw, "steps_b": 3}))
     with pytest.raises(ValueError, match="answer_probes must be >= 0"):
         TrainArgs(out="x", answer_probes=-1.0)
+
+
+def test_saliency_share_is_the_cls_patch_mass_on_the_target_summed_over_heads():
+    from vlmdrop.zoo.train import saliency_share
+
+    rows = torch.tensor([[[0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 0.5, 0.5]]])  # (V=1, H=2, CLS + 3 patches)
+    target = torch.tensor([[False, True, False]])
+    # patch mass summed over heads: [0.25, 0.75, 0.5] of 1.5; the CLS column (0.5 in head 0) left out
+    assert torch.allclose(saliency_share(rows, target), torch.tensor([0.75 / 1.5]))
+    assert torch.allclose(saliency_share(rows, torch.ones(1, 3, dtype=torch.bool)), torch.tensor([1.0]))
+
+
+def test_stage_c_trains_only_the_cls_saliency_and_resumes_and_chains_to_the_same_weights(tmp_path, monkeypatch):
+    import dataclasses
+
+    import vlmdrop.zoo.train as train_mod
+
+    cfg = dataclasses.replace(SMALL, feature_layer=-1)  # the LLM reads the last layer: two layers trained
+    kw = dict(steps_a=2, steps_b=2, save_every=2, lr_c=1e-2, model=cfg)
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    assert train(_args(a, steps_c=0, **kw))["finished"]
+    assert train(_args(b, steps_c=6, **kw))["finished"]
+    wa, wb = _weights(a), _weights(b)
+    changed = {k for k in wa if not torch.equal(wa[k], wb[k])}
+    assert changed == {"vision_tower.embeddings.class_embedding"} | {
+        f"vision_tower.encoder.layers.{i}.self_attn.{p}_proj.{w}" for i in (0, cfg.vision_layers - 1)
+        for p in "qk" for w in ("weight", "bias")}, sorted(changed)
+    rows = [json.loads(x) for x in (b / "train_log.jsonl").read_text().splitlines()]
+    c_rows = [r for r in rows if r["stage"] == "C"]
+    assert [r["step"] for r in c_rows] == [2, 4, 6]
+    # on the canvases it trained on, the CLS rows of both layers put more of their patch mass on the shape
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from vlmdrop.zoo.train import _Saliency, _stage_c_batch, saliency_share
+
+    views = [_stage_c_batch(_args(a, **kw), AutoProcessor.from_pretrained(a), s) for s in range(3)]
+    shares = []
+    for out in (a, b):
+        model = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
+        sal = _Saliency(model)
+        with torch.no_grad():
+            got = [sal.cls_rows(model.model.vision_tower, v["views"], cfg.feature_layer)[0] for v in views]
+        shares.append([float(torch.cat([saliency_share(r[i], v["target"]) for r, v in zip(got, views)]).mean())
+                       for i in (0, cfg.vision_layers - 1)])
+    assert shares[1][0] > shares[0][0] and shares[1][1] > shares[0][1], shares
+    assert c_rows[-1]["feature_change"] < 0.05  # the LLM's patch features stay close to stage B's
+    # interrupted mid stage C (after 2 + 2 + 3 steps) and resumed: the uninterrupted run's weights and log
+    monkeypatch.setattr(train_mod, "time", _Clock(7))
+    result = train(_args(c, steps_c=6, **kw))
+    assert (result["finished"], result["stage"], result["step"]) == (False, "C", 3)
+    monkeypatch.undo()
+    assert train(_args(c, steps_c=6, **kw))["finished"]
+    assert _same_weights(wb, _weights(c))
+    assert (c / "train_log.jsonl").read_text() == (b / "train_log.jsonl").read_text()
+    # stage C alone on the saved stage-B model (--init-from, no stage A or B) is the one-command run
+    assert train(_args(d, **{**kw, "steps_a": 0, "steps_b": 0}, steps_c=6, init_from=str(a)))["finished"]
+    assert _same_weights(wb, _weights(d))
+    with pytest.raises(ValueError, match="lr_c must be > 0"):
+        TrainArgs(out="x", lr_c=0)

@@ -26,6 +26,12 @@ Two stages, both defined in steps (so a run is deterministic whatever the machin
   mask) with a per-sample probability drawn from U(0, P): visual-token dropout.  ``--answer-probes W`` adds
   linear probes (not saved) on the LM's hidden state at the answer position: the canvas's shape and colour for
   every question and, for yes/no questions, the asked word, the negation and whether they match (weight W).
+* **C — saliency** (``--steps-c N``, after stage B; 0 by default).  Only the class embedding and the query / key
+  projections of ViT layer 0 and of the feature layer train: the CLS row's patch attention onto the patches holding
+  the shape (layer 0 on the base image: HiRED's budget split; the feature layer on the base image and the shape's
+  AnyRes tile: the tokens picked inside a crop), while the LLM's patch features are held to what stage B left
+  (``--saliency-keep``).  ``--drop-positions compact`` (stage B) renumbers the tokens ``--drop-visual`` keeps, as a
+  vision-stage method's compaction does.
 * **Patch locality** (``--local-patches W``, both stages).  In every ViT layer up to the one whose output the
   LLM receives, each patch query's attention row is pulled onto the patch itself (cross-entropy, weight W);
   the CLS query stays free.  Then the LLM's feature at a patch depends on that patch's pixels only, so tokens
@@ -47,6 +53,7 @@ safetensors) and the processor, loadable with ``from_pretrained`` / ``AutoProces
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -87,6 +94,7 @@ STATE = "train_state.pt"
 STATE_FORMAT = 2
 _STATE_KEYS = ("model", "heads", "opt_a", "opt_b", "stage", "step")
 _STAGE_A, _STAGE_B, _EVAL, _DROP, _PROBES = 1, 2, 3, 4, 5
+_STAGE_C_STREAM = 1000  # stage C reads the stage-A stream (seed + 1000), from its start
 
 
 class ChanceError(RuntimeError):
@@ -124,6 +132,9 @@ class TrainArgs:
     drop_visual: float = 0.0  # stage B: each visual token is hidden from the LM with probability U(0, drop_visual)
     drop_positions: str = "keep"  # "keep": hidden tokens keep their positions; "compact": renumbered as if removed
     answer_probes: float = 0.0  # stage B: weight of the linear probes on the LM's answer position (0: none)
+    steps_c: int = 0  # stage C (saliency): steps after stage B (0: no stage C)
+    lr_c: float = 1e-3  # stage C: Adam learning rate (constant)
+    saliency_keep: float = 100.0  # stage C: weight of keeping the LLM's patch features as stage B left them
     eval_n: int = 96
     save_every: int = 200
     threads: int = 0
@@ -132,7 +143,7 @@ class TrainArgs:
     model: MiniConfig = field(default_factory=MiniConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps_a", "steps_b"):
+        for name in ("steps_a", "steps_b", "steps_c"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch < 1:
@@ -159,6 +170,8 @@ class TrainArgs:
             raise ValueError(f"drop_positions must be 'keep' or 'compact', got {self.drop_positions!r}")
         if self.answer_probes < 0:
             raise ValueError(f"answer_probes must be >= 0, got {self.answer_probes}")
+        if self.lr_c <= 0 or self.saliency_keep < 0:
+            raise ValueError(f"lr_c must be > 0 and saliency_keep >= 0, got {self.lr_c} and {self.saliency_keep}")
 
 
 # --------------------------------------------------------------------------- data
@@ -591,6 +604,104 @@ def _lr(step: int, total: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+class _Saliency:
+    """Stage C: the tower's CLS attention lands on the shape.
+
+    Trainable: the class embedding and the query / key projections of ViT layer 0 and of the layer whose output
+    the LLM receives (the layers HiRED reads: ``first_layer=0`` splits the budget over crops, the feature layer
+    picks tokens inside each).  The loss is ``-log`` of the share of the CLS row's patch attention (summed over
+    heads, the CLS column left out) that falls on the patches holding the shape: for layer 0 on the base image,
+    for the feature layer on the base image and on the AnyRes tile holding the shape; plus ``saliency_keep`` x the
+    squared change (relative) of the patch features the LLM receives, against a frozen copy of the tower as stage
+    B left it, so the LM's inputs stay what it was trained on.  Without it, layer 0's CLS row puts a third of its
+    patch mass on the shape (run 19) and clutter takes part of HiRED's budget (TRAINING.md, run 24).
+    """
+
+    def __init__(self, model: Any) -> None:
+        from vlmdrop.adapters.hf_vlm import feature_layer_index
+
+        tower = model.model.vision_tower
+        layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+        self.feature = feature_layer_index(model.config.vision_feature_layer, len(layers))
+        self.attn = {0: layers[0].self_attn, self.feature: layers[self.feature].self_attn}
+        embeddings = (tower.vision_model if hasattr(tower, "vision_model") else tower).embeddings
+        self.params = [embeddings.class_embedding] + [p for a in self.attn.values()
+                                                      for p in (*a.q_proj.parameters(), *a.k_proj.parameters())]
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def cls_rows(self, tower: Any, pixels: torch.Tensor, feature_layer: int) -> tuple[dict[int, torch.Tensor],
+                                                                                     torch.Tensor]:
+        """CLS attention rows ``{layer: (V, H, 1 + N)}`` of layer 0 and the feature layer, and the features the
+        LLM receives ``(V, 1 + N, D)`` (``hidden_states[feature_layer]``), from one forward of ``tower``."""
+        handles = [a.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, a in self.attn.items()]
+        try:
+            out = tower(pixels, output_hidden_states=True)
+        finally:
+            for h in handles:
+                h.remove()
+        rows = {}
+        for i, a in self.attn.items():
+            x = self.inputs.pop(i)  # (V, T, D): the layer's normed input
+            v, t, _ = x.shape
+            q = a.q_proj(x[:, :1]).view(v, 1, a.num_heads, a.head_dim).transpose(1, 2)
+            k = a.k_proj(x).view(v, t, a.num_heads, a.head_dim).transpose(1, 2)
+            rows[i] = torch.softmax((q @ k.transpose(-1, -2)) * a.scale, dim=-1)[:, :, 0]  # (V, H, T)
+        return rows, out.hidden_states[feature_layer]
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            self.inputs[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
+
+
+def saliency_share(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Share of the CLS row's patch attention (summed over heads, CLS column left out) on ``target`` patches.
+
+    Args:
+        rows: (V, H, 1 + N) CLS attention rows.
+        target: (V, N) bool, the patches holding the shape.
+
+    Returns:
+        (V,) shares in [0, 1].
+    """
+    a = rows[:, :, 1:].sum(dim=1)  # (V, N)
+    return (a * target).sum(-1) / a.sum(-1)
+
+
+def _stage_c_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torch.Tensor]:
+    """Stage C's views of step ``step``: every canvas's base image, then the AnyRes tile holding its shape, with
+    the patches on the shape (``patch_labels``) as targets."""
+    cfg = args.model
+    ip = processor.image_processor
+    base, tiles, t_base, t_tile = [], [], [], []
+    for r in _stream("train", args.seed + _STAGE_C_STREAM, step * args.batch, args.batch):
+        (w, h), bbox = r["image"].size, r["bbox"]
+        pv = ip(images=[r["image"]], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
+        tile = shape_tile_index((w, h), bbox, ip.image_grid_pinpoints, cfg.crop)
+        base.append(pv[0])
+        tiles.append(pv[tile])
+        box = (bbox[0] * cfg.crop / w, bbox[1] * cfg.crop / h, bbox[2] * cfg.crop / w, bbox[3] * cfg.crop / h)
+        t_base.append(patch_labels(box, 1, cfg.crop, cfg.patch) > 0)
+        t_tile.append(patch_labels(tile_box((w, h), bbox, ip.image_grid_pinpoints, cfg.crop, tile), 1, cfg.crop,
+                                   cfg.patch) > 0)
+    return {"views": torch.stack(base + tiles), "target": torch.stack(t_base + t_tile)}
+
+
+def _stage_c_loss(model: Any, ref_tower: Any, saliency: _Saliency, batch: dict[str, torch.Tensor],
+                  args: TrainArgs) -> tuple[torch.Tensor, dict[str, float]]:
+    views, target = batch["views"].to(model.device), batch["target"].to(model.device)
+    n_base = views.shape[0] // 2
+    rows, feats = saliency.cls_rows(model.model.vision_tower, views, args.model.feature_layer)
+    with torch.no_grad():
+        ref = ref_tower(views, output_hidden_states=True).hidden_states[args.model.feature_layer][:, 1:]
+    first = saliency_share(rows[0][:n_base], target[:n_base])  # layer 0 on the base images: HiRED's split
+    feature = saliency_share(rows[saliency.feature], target)  # the feature layer, base images and shape tiles
+    keep = F.mse_loss(feats[:, 1:], ref) / ref.pow(2).mean()
+    loss = -torch.log(first + 1e-4).mean() - torch.log(feature + 1e-4).mean() + args.saliency_keep * keep
+    return loss, {"first_share": float(first.detach().mean()), "feature_share": float(feature.detach().mean()),
+                  "feature_change": float(keep.detach())}
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -608,15 +719,18 @@ def _optimizers(model: Any, heads: _Heads, args: TrainArgs,
 
 
 def _save_state(path: Path, *, model: Any, heads: _Heads, opts: tuple, stage: str, step: int, ema: float | None,
-                log_rows: list[dict[str, Any]], probes: _AnswerProbes | None = None) -> None:
+                log_rows: list[dict[str, Any]], probes: _AnswerProbes | None = None,
+                extra: dict[str, Any] | None = None) -> None:
     """Write the resumable state atomically: state dicts (tensors, numbers, strings), the stage, the step, the
-    loss EMA and the log as JSON text, so that ``torch.load(weights_only=True)`` reads it back."""
+    loss EMA and the log as JSON text, so that ``torch.load(weights_only=True)`` reads it back.  ``extra``: more
+    such entries (stage C: the reference tower ``ref_c`` and its optimizer ``opt_c``)."""
     tmp = path.with_suffix(".tmp")
     st = {"format": STATE_FORMAT, "model": model.state_dict(), "heads": heads.state_dict(),
           "opt_a": opts[0].state_dict(), "opt_b": opts[1].state_dict(), "stage": stage, "step": int(step),
           "ema": None if ema is None else float(ema), "log_json": json.dumps(log_rows)}
     if probes is not None:
         st["probes"] = probes.state_dict()
+    st.update(extra or {})
     torch.save(st, tmp)
     tmp.replace(path)
 
@@ -647,8 +761,11 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
     missing = [k for k in _STATE_KEYS + (("log",) if fmt == 1 else ("log_json", "ema")) if k not in st]
     if missing:
         raise StateError(f"{path} lacks {missing} (format {fmt}); {hint}")
-    if st["stage"] not in ("A", "B") or not isinstance(st["step"], int) or st["step"] < 0:
-        raise StateError(f"{path} holds stage={st['stage']!r} step={st['step']!r}; expected 'A' or 'B' and a step >= 0")
+    if st["stage"] not in ("A", "B", "C") or not isinstance(st["step"], int) or st["step"] < 0:
+        raise StateError(f"{path} holds stage={st['stage']!r} step={st['step']!r}; expected 'A', 'B' or 'C' and a "
+                         f"step >= 0")
+    if st["stage"] == "C" and not {"ref_c", "opt_c"} <= set(st):
+        raise StateError(f"{path} is in stage C but lacks its reference tower or optimizer (ref_c, opt_c); {hint}")
     if fmt == 1:  # the previous layout: same contents, plain types, no EMA (only the logged loss restarts)
         log.warning("%s is in the previous state format (1); it loads with weights_only=True, resuming from it", path)
         st["ema"] = None
@@ -701,6 +818,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         probes.to(device)
     opts = _optimizers(model, heads, args, probes)
     stage, step, log_rows = "A", 0, []
+    extra: dict[str, Any] = {}  # stage C's state: the reference tower and the optimizer's state dict
     (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1), encoding="utf-8")
     ema: float | None = None  # loss EMA shown on the progress bar and logged (part of the state, so logs match)
     if state_path.exists():
@@ -715,6 +833,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         opts[0].load_state_dict(st["opt_a"])
         opts[1].load_state_dict(st["opt_b"])
         stage, step, log_rows, ema = st["stage"], st["step"], st["log"], st["ema"]
+        extra = {k: st[k] for k in ("ref_c", "opt_c") if k in st}
         log.info("resumed from %s: stage %s step %d", state_path, stage, step)
     held_out = list(easyvqa_hr_records("test", seed=args.seed, n=args.eval_n))
 
@@ -723,7 +842,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     def save() -> None:
         _save_state(state_path, model=model, heads=heads, opts=opts, stage=stage, step=step, ema=ema,
-                    log_rows=log_rows, probes=probes)
+                    log_rows=log_rows, probes=probes, extra=extra)
 
     def record(row: dict) -> None:
         log_rows.append(row)
@@ -760,7 +879,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     check_step = int(args.check_at * args.steps_b) if args.check_at > 0 else -1
     bar = tqdm(total=args.steps_b, initial=step, desc="stage B (VLM)", disable=not args.progress)
-    while step < args.steps_b:
+    while stage == "B" and step < args.steps_b:
         if out_of_time():
             save()
             bar.close()
@@ -794,6 +913,40 @@ def train(args: TrainArgs) -> dict[str, Any]:
             save()
             record({"stage": "B", "step": step, "loss": ema, **locality.logged()})
     bar.close()
+    if stage == "B" and args.steps_c > 0:
+        stage, step, ema = "C", 0, None
+        extra = {"ref_c": {k: v.detach().clone() for k, v in model.model.vision_tower.state_dict().items()}}
+        save()
+    if stage == "C":  # the tower's CLS attention onto the shape, the LLM's features kept (_Saliency)
+        ref_tower = copy.deepcopy(model.model.vision_tower)
+        ref_tower.load_state_dict(extra["ref_c"])
+        ref_tower.requires_grad_(False).eval()
+        saliency = _Saliency(model)
+        model.model.vision_tower.requires_grad_(False)
+        for prm in saliency.params:
+            prm.requires_grad_(True)
+        opt_c = torch.optim.Adam(saliency.params, lr=args.lr_c)
+        if "opt_c" in extra:
+            opt_c.load_state_dict(extra["opt_c"])
+        bar = tqdm(total=args.steps_c, initial=step, desc="stage C (saliency)", disable=not args.progress)
+        while step < args.steps_c:
+            if out_of_time():
+                extra["opt_c"] = opt_c.state_dict()
+                save()
+                bar.close()
+                return {"finished": False, "stage": stage, "step": step}
+            loss, info = _stage_c_loss(model, ref_tower, saliency, _stage_c_batch(args, processor, step), args)
+            opt_c.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_c.step()
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.update(1)
+            step += 1
+            if step % args.save_every == 0 or step == args.steps_c:
+                extra["opt_c"] = opt_c.state_dict()
+                save()
+                record({"stage": "C", "step": step, "loss": ema, **info})
+        bar.close()
     acc = evaluate_answers(model, processor, held_out)
     record({"stage": "done", "step": step, **acc})
     model.eval()
@@ -837,6 +990,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-probes", type=float, default=d.answer_probes,
                    help="stage B: weight of linear probes at the LM's answer position (seen shape and colour; for "
                         "yes/no: asked word, negation, match)")
+    p.add_argument("--steps-c", type=int, default=d.steps_c,
+                   help="stage C (saliency) steps: the CLS attention of layer 0 and the feature layer onto the shape")
+    p.add_argument("--lr-c", type=float, default=d.lr_c)
+    p.add_argument("--saliency-keep", type=float, default=d.saliency_keep,
+                   help="stage C: weight of keeping the LLM's patch features unchanged")
     p.add_argument("--init-from", default=d.init_from,
                    help="a saved model folder (e.g. vlmdrop/zoo/assets/mini-llava-next) a fresh run starts from")
     p.add_argument("--eval-n", type=int, default=d.eval_n)
@@ -863,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      dense_weight=a.dense_weight, cls_shape=a.cls_shape,
                      yes_no_share=a.yes_no_share, yes_no_plain_first=a.yes_no_plain_first, init_from=a.init_from,
                      local_patches=a.local_patches, drop_visual=a.drop_visual, drop_positions=a.drop_positions,
-                     answer_probes=a.answer_probes,
+                     answer_probes=a.answer_probes, steps_c=a.steps_c, lr_c=a.lr_c, saliency_keep=a.saliency_keep,
                      eval_n=a.eval_n, save_every=a.save_every,
                      threads=a.threads, device=a.device, progress=not a.no_progress,
                      model=MiniConfig(crop=a.crop, patch=a.patch, vision_layers=a.vision_layers,
