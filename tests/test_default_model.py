@@ -52,12 +52,14 @@ def test_loads_through_from_pretrained(default):
 
 def test_answers_held_out_questions(scores):
     full = scores["full"]
-    # chance: shape 1/3, colour 1/8, yes/no 1/2 (run 19: 0.91 / 1.00 / 0.99 on 240 held-out, 0.88 / 1.00 / 0.94 here)
+    # chance: shape 1/3, colour 1/8, yes/no 1/2 (run 24: 0.90 / 1.00 / 0.99 on 240 held-out, 0.94 / 1.00 / 0.94 here)
     assert full["shape"] >= 0.8 and full["color"] >= 0.8 and full["yes_no"] >= 0.8, full
     hired = scores["hired"]
     assert hired["kept_mean"] == pytest.approx(0.1 * full["n_before_mean"], abs=1.0)
     assert hired["shape"] >= 0.75 and hired["color"] >= 0.75 and hired["yes_no"] >= 0.8, hired
     assert hired["touch"] >= 0.8, hired
+    for q in ("shape", "color", "yes_no"):  # issue 17: HiRED at 10 % keeps >= 95 % of the full accuracy per type
+        assert hired[q] >= 0.95 * full[q], (q, full, hired)
 
 
 def test_answers_live_where_the_shape_is(scores):
