@@ -573,10 +573,12 @@ def test_stage_c_trains_only_the_cls_saliency_and_resumes_and_chains_to_the_same
                        for i in (0, cfg.vision_layers - 1)])
     assert shares[1][0] > shares[0][0] and shares[1][1] > shares[0][1], shares
     assert c_rows[-1]["feature_change"] < 0.05  # the LLM's patch features stay close to stage B's
-    # interrupted mid stage C (after 2 + 2 + 3 steps) and resumed: the uninterrupted run's weights and log
-    monkeypatch.setattr(train_mod, "time", _Clock(7))
-    result = train(_args(c, steps_c=6, **kw))
-    assert (result["finished"], result["stage"], result["step"]) == (False, "C", 3)
+    # interrupted at the B -> C switch (after 2 + 2 steps) and mid stage C, each time resumed by rerunning: the
+    # uninterrupted run's weights and log
+    for steps, where in ((4, ("C", 0)), (1, ("C", 1)), (2, ("C", 3))):
+        monkeypatch.setattr(train_mod, "time", _Clock(steps))
+        result = train(_args(c, steps_c=6, **kw))
+        assert (result["finished"], result["stage"], result["step"]) == (False, *where)
     monkeypatch.undo()
     assert train(_args(c, steps_c=6, **kw))["finished"]
     assert _same_weights(wb, _weights(c))

@@ -764,8 +764,8 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
     if st["stage"] not in ("A", "B", "C") or not isinstance(st["step"], int) or st["step"] < 0:
         raise StateError(f"{path} holds stage={st['stage']!r} step={st['step']!r}; expected 'A', 'B' or 'C' and a "
                          f"step >= 0")
-    if st["stage"] == "C" and not {"ref_c", "opt_c"} <= set(st):
-        raise StateError(f"{path} is in stage C but lacks its reference tower or optimizer (ref_c, opt_c); {hint}")
+    if st["stage"] == "C" and "ref_c" not in st:  # opt_c is absent only at step 0 (a fresh optimizer then)
+        raise StateError(f"{path} is in stage C but lacks its reference tower (ref_c); {hint}")
     if fmt == 1:  # the previous layout: same contents, plain types, no EMA (only the logged loss restarts)
         log.warning("%s is in the previous state format (1); it loads with weights_only=True, resuming from it", path)
         st["ema"] = None
