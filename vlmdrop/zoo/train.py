@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..ops.attention import cls_attention_from_projections
 from .easyvqa_hr import (
     ANSWER_COLORS,
     QTYPES,
@@ -242,6 +243,12 @@ def tile_box(image_size: tuple[int, int], bbox: Sequence[int], pinpoints: list[l
             px + bbox[2] * nw / w - col * crop, py + bbox[3] * nh / h - row * crop)
 
 
+def base_box(image_size: tuple[int, int], bbox: Sequence[int], crop: int) -> tuple[float, float, float, float]:
+    """``bbox`` (canvas px) in the pixel coordinates of the base image (the canvas resized to ``crop`` x ``crop``)."""
+    w, h = image_size
+    return (bbox[0] * crop / w, bbox[1] * crop / h, bbox[2] * crop / w, bbox[3] * crop / h)
+
+
 def _stream(split: str, seed: int, start: int, count: int) -> Iterator[dict[str, Any]]:
     """``count`` records from index ``start`` of the split's stream, wrapping around."""
     total = easyvqa_hr_max_n(split)
@@ -349,6 +356,16 @@ def _make_probes(args: TrainArgs) -> _AnswerProbes | None:
         return _AnswerProbes(args.model.text_hidden, args.model.text_layers)
 
 
+def _vit(tower: Any) -> Any:
+    """The module of a CLIP-like tower that holds ``embeddings`` and ``encoder.layers``."""
+    return tower.vision_model if hasattr(tower, "vision_model") else tower
+
+
+def _attn_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``hidden_states`` an attention module's forward pre-hook (``with_kwargs=True``) receives."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 class _PatchLocality:
     """The patch-locality loss: while active, the ViT layers up to the one whose output the LLM receives record
     their attention input (forward pre-hooks; the tower keeps its own attention kernel), and :meth:`loss` is the
@@ -361,8 +378,7 @@ class _PatchLocality:
     def __init__(self, model: Any, weight: float) -> None:
         from vlmdrop.adapters.hf_vlm import feature_layer_index
 
-        tower = model.model.vision_tower
-        layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+        layers = _vit(model.model.vision_tower).encoder.layers
         self.attn = [layer.self_attn for layer in layers[: feature_layer_index(model.config.vision_feature_layer,
                                                                               len(layers)) + 1]]
         self.weight = weight
@@ -383,8 +399,7 @@ class _PatchLocality:
         self.handles = []
 
     def _hook(self, module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.inputs.append((module, hidden))
+        self.inputs.append((module, _attn_input(args, kwargs)))
 
     def loss(self) -> torch.Tensor:
         """The weighted loss of the recorded forward (a zero tensor when the weight is 0)."""
@@ -427,8 +442,7 @@ def _stage_a_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
         pv = ip(images=[image], return_tensors="pt")["pixel_values"][0]  # (P, 3, s, s)
         tile = shape_tile_index((w, h), bbox, pins, cfg.crop)
         v = [pv[0], pv[tile]]
-        boxes = [(bbox[0] * cfg.crop / w, bbox[1] * cfg.crop / h, bbox[2] * cfg.crop / w, bbox[3] * cfg.crop / h),
-                 tile_box((w, h), bbox, pins, cfg.crop, tile)]
+        boxes = [base_box((w, h), bbox, cfg.crop), tile_box((w, h), bbox, pins, cfg.crop, tile)]
         _, _, nw, _, _, _ = anyres_layout((w, h), pins)
         longest = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
         sides = ([cfg.crop * w / nw] * args.tile_views
@@ -620,12 +634,10 @@ class _Saliency:
     def __init__(self, model: Any) -> None:
         from vlmdrop.adapters.hf_vlm import feature_layer_index
 
-        tower = model.model.vision_tower
-        layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
-        self.feature = feature_layer_index(model.config.vision_feature_layer, len(layers))
-        self.attn = {0: layers[0].self_attn, self.feature: layers[self.feature].self_attn}
-        embeddings = (tower.vision_model if hasattr(tower, "vision_model") else tower).embeddings
-        self.params = [embeddings.class_embedding] + [p for a in self.attn.values()
+        vit = _vit(model.model.vision_tower)
+        self.feature = feature_layer_index(model.config.vision_feature_layer, len(vit.encoder.layers))
+        self.attn = {0: vit.encoder.layers[0].self_attn, self.feature: vit.encoder.layers[self.feature].self_attn}
+        self.params = [vit.embeddings.class_embedding] + [p for a in self.attn.values()
                                                       for p in (*a.q_proj.parameters(), *a.k_proj.parameters())]
         self.inputs: dict[int, torch.Tensor] = {}
 
@@ -642,15 +654,13 @@ class _Saliency:
         rows = {}
         for i, a in self.attn.items():
             x = self.inputs.pop(i)  # (V, T, D): the layer's normed input
-            v, t, _ = x.shape
-            q = a.q_proj(x[:, :1]).view(v, 1, a.num_heads, a.head_dim).transpose(1, 2)
-            k = a.k_proj(x).view(v, t, a.num_heads, a.head_dim).transpose(1, 2)
-            rows[i] = torch.softmax((q @ k.transpose(-1, -2)) * a.scale, dim=-1)[:, :, 0]  # (V, H, T)
+            rows[i] = cls_attention_from_projections(a.q_proj(x[:, 0]), a.k_proj(x), num_heads=a.num_heads,
+                                                     scale=a.scale)  # (V, H, T)
         return rows, out.hidden_states[feature_layer]
 
     def _hook(self, layer: int) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            self.inputs[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[layer] = _attn_input(args, kwargs)
         return hook
 
 
@@ -680,8 +690,7 @@ def _stage_c_batch(args: TrainArgs, processor: Any, step: int) -> dict[str, torc
         tile = shape_tile_index((w, h), bbox, ip.image_grid_pinpoints, cfg.crop)
         base.append(pv[0])
         tiles.append(pv[tile])
-        box = (bbox[0] * cfg.crop / w, bbox[1] * cfg.crop / h, bbox[2] * cfg.crop / w, bbox[3] * cfg.crop / h)
-        t_base.append(patch_labels(box, 1, cfg.crop, cfg.patch) > 0)
+        t_base.append(patch_labels(base_box((w, h), bbox, cfg.crop), 1, cfg.crop, cfg.patch) > 0)
         t_tile.append(patch_labels(tile_box((w, h), bbox, ip.image_grid_pinpoints, cfg.crop, tile), 1, cfg.crop,
                                    cfg.patch) > 0)
     return {"views": torch.stack(base + tiles), "target": torch.stack(t_base + t_tile)}
